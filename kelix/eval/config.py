@@ -1,0 +1,28 @@
+"""Evaluation sizes and the release gate: thresholds every metric must pass and the allowed regression."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EvalConfig:
+    num_vqa: int = 500
+    num_generation_prompts: int = 48
+    num_reconstructions: int = 64
+    sample_steps: int = 20
+    guidance_scale: float = 3.0
+    seed: int = 0
+    # Registered model name and the gate. A metric listed here must reach its threshold (higher is better).
+    model_name: str = "kelix"
+    thresholds: dict[str, float] = field(
+        default_factory=lambda: {"vqa_accuracy": 0.5, "geneval_overall": 0.2, "recon_detector_agreement": 0.5}
+    )
+    # A challenger may not fall more than this below the champion on any gated metric.
+    regression_tolerance: float = 0.02
+
+
+def eval_preset(preset: str) -> EvalConfig:
+    if preset == "tiny":
+        return EvalConfig()
+    return EvalConfig(num_vqa=5000, num_generation_prompts=553, num_reconstructions=1000,
+                      thresholds={"vqa_accuracy": 0.7, "geneval_overall": 0.6, "recon_detector_agreement": 0.8})

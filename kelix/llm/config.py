@@ -1,0 +1,59 @@
+"""Unified LLM settings: Qwen3 backbone, extended vocabulary, Block Encoder/Decoder (NBP), 4 stages."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kelix.train.config import TrainConfig
+
+
+@dataclass
+class LLMConfig:
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 384
+    # Local folder with pretrained Qwen3 weights; empty = random init from this config.
+    pretrained: str = ""
+    max_blocks: int = 96
+    # "transformer" (the report's Block Decoder) | "parallel" (N independent heads, the ablation).
+    block_decoder: str = "transformer"
+    bd_hidden_size: int = 64
+    bd_num_layers: int = 1
+    bd_num_heads: int = 4
+    bd_intermediate_size: int = 256
+    # "codebook" (rows from the tokenizer's codebooks through a learned projection) | "random" (ablation).
+    visual_embed_init: str = "codebook"
+    # Share of generation examples whose caption is dropped, for classifier-free guidance.
+    caption_dropout: float = 0.1
+    # Share of generation sequences in the mixed stages (2-4).
+    generation_fraction: float = 0.5
+    train1: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=150, batch_size=32, lr=1e-3))
+    train2: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=600, batch_size=32, lr=1e-3))
+    train3: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=150, batch_size=32, lr=3e-4, warmup_steps=0))
+    train4: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=150, batch_size=32, lr=2e-4, warmup_steps=0))
+
+
+def llm_preset(preset: str) -> LLMConfig:
+    if preset == "tiny":
+        return LLMConfig()
+    if preset == "small":
+        # Qwen3-0.6B-sized backbone on one GPU.
+        return LLMConfig(
+            hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, intermediate_size=3072,
+            max_blocks=1024, bd_hidden_size=512, bd_num_layers=1, bd_num_heads=4, bd_intermediate_size=2048,
+            train1=TrainConfig(num_steps=5000, batch_size=64, precision="bf16"),
+            train2=TrainConfig(num_steps=50000, batch_size=64, precision="bf16"),
+            train3=TrainConfig(num_steps=5000, batch_size=64, precision="bf16", warmup_steps=0),
+            train4=TrainConfig(num_steps=3000, batch_size=64, precision="bf16", warmup_steps=0),
+        )
+    # Qwen3-8B backbone; Block Decoder 1 layer, width 512, 4 heads, FFN 2048.
+    return LLMConfig(
+        hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=12288,
+        max_blocks=8192, bd_hidden_size=512, bd_num_layers=1, bd_num_heads=4, bd_intermediate_size=2048,
+        train1=TrainConfig(num_steps=10000, batch_size=512, precision="bf16", warmup_steps=500),
+        train2=TrainConfig(num_steps=200000, batch_size=512, precision="bf16", warmup_steps=2000),
+        train3=TrainConfig(num_steps=20000, batch_size=512, precision="bf16", warmup_steps=0),
+        train4=TrainConfig(num_steps=5000, batch_size=256, precision="bf16", warmup_steps=0),
+    )

@@ -1,0 +1,46 @@
+"""Where and how stages run: artifact store, device, threads, distributed strategy, per-stage resources."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Resources:
+    """What one stage asks of a Kubernetes node (ignored by the local runner)."""
+
+    gpus: int = 0
+    num_nodes: int = 1
+    cpu: str = "2"
+    memory: str = "8Gi"
+
+
+@dataclass
+class RuntimeConfig:
+    # Artifact store URI: a local folder or s3://bucket/prefix.
+    artifacts: str = "artifacts"
+    # "auto" picks cuda when available, else cpu.
+    device: str = "auto"
+    num_threads: int = 0
+    # "none" | "ddp" | "fsdp": how the shared training loop shards under torchrun.
+    distributed: str = "none"
+    deterministic: bool = True
+    # Stage name -> resources; stages not listed get `default_resources`.
+    default_resources: Resources = field(default_factory=Resources)
+    resources: dict[str, Resources] = field(default_factory=dict)
+    image: str = "ghcr.io/kelix-platform/kelix:latest"
+    namespace: str = "kelix"
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, str]] = field(default_factory=list)
+
+
+def runtime_preset(preset: str) -> RuntimeConfig:
+    if preset == "tiny":
+        return RuntimeConfig()
+    gpus = 1 if preset == "small" else 8
+    nodes = 1 if preset == "small" else 4
+    return RuntimeConfig(
+        distributed="ddp" if preset == "small" else "fsdp",
+        default_resources=Resources(gpus=gpus, num_nodes=nodes, cpu="16", memory="200Gi"),
+        node_selector={"nvidia.com/gpu.present": "true"},
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    )
