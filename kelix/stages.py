@@ -1,0 +1,339 @@
+"""The stage catalogue and the one entry point that runs a stage anywhere.
+
+A stage is data (Marin-executor style): a name, the stages whose outputs it reads, the config section and
+train schedule it depends on, and the import path of its function `run(ctx: StageContext) -> metrics`.
+Its key hashes its name, that config view, the dataset's content fingerprint and its inputs' keys; outputs
+go to `<artifacts>/<stage>/<key>/` with a status marker, so an unchanged stage is skipped, a changed one
+reruns with everything downstream, and a crashed one resumes from its checkpoints in the same folder.
+
+    python -m kelix.stages run tokenizer-1 --preset tiny --data data/shapes --artifacts artifacts
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from kelix.artifacts import FAILED, RUNNING, SUCCESS, ArtifactStore
+from kelix.config import KelixConfig, config_hash
+from kelix.runtime_config import Resources
+from kelix.train.metrics import MetricLogger
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    section: str
+    entry: str  # "module:function"
+    inputs: tuple[str, ...] = ()
+    # The TrainConfig field of the section this stage trains with; the others are left out of its key.
+    train_field: str | None = None
+    description: str = ""
+
+    def function(self) -> Callable[["StageContext"], dict[str, float]]:
+        module, func = self.entry.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("tokenizer-1", "tokenizer", "kelix.tokenizer.stages:align", (), "train1",
+          "codebook alignment on captions: adapter + SimVQ projections train; ViT and aux LLM frozen"),
+    Stage("tokenizer-2", "tokenizer", "kelix.tokenizer.stages:pretrain", ("tokenizer-1",), "train2",
+          "multi-task pre-training (captions + VQA), everything unfrozen, ViT at a lower rate"),
+    Stage("tokenizer-3", "tokenizer", "kelix.tokenizer.stages:anneal", ("tokenizer-2",), "train3",
+          "annealing on instruction-style data (VQA) with a decaying rate"),
+    Stage("llm-1", "llm", "kelix.llm.stages:align", ("tokenizer-3",), "train1",
+          "cross-modal alignment: Block Decoder, LM head, visual projection; Qwen3 frozen"),
+    Stage("llm-2", "llm", "kelix.llm.stages:unify", ("llm-1", "tokenizer-3"), "train2",
+          "unified embedding table, all parameters, understanding + generation"),
+    Stage("llm-3", "llm", "kelix.llm.stages:anneal", ("llm-2", "tokenizer-3"), "train3",
+          "annealing on the cleanest subset"),
+    Stage("llm-4", "llm", "kelix.llm.stages:sft", ("llm-3", "tokenizer-3"), "train4",
+          "SFT on instruction-style data"),
+    Stage("aedit", "dit", "kelix.dit.stages:aedit", ("tokenizer-3",), "train_ae",
+          "AE-DiT: reconstruct images from the tokenizer's quantized embeddings"),
+    Stage("dit-1", "dit", "kelix.dit.stages:pretrain", ("tokenizer-3", "llm-4"), "train1",
+          "DiT pre-training conditioned on the LLM's hidden states (teacher forcing)"),
+    Stage("dit-2", "dit", "kelix.dit.stages:sft", ("dit-1", "tokenizer-3", "llm-4"), "train2",
+          "DiT SFT on the detector-curated subset"),
+    Stage("eval", "eval", "kelix.eval.stage:evaluate", ("tokenizer-3", "llm-4", "dit-2", "aedit"), None,
+          "understanding, generation, reconstruction and tokenizer metrics"),
+)}
+
+ORDER = tuple(STAGES)
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages are {', '.join(ORDER)}")
+    return STAGES[name]
+
+
+def upstream(name: str) -> list[str]:
+    """Every stage `name` depends on, in catalogue order."""
+    seen: set[str] = set()
+
+    def visit(n: str) -> None:
+        for dep in STAGES[n].inputs:
+            if dep not in seen:
+                seen.add(dep)
+                visit(dep)
+
+    visit(name)
+    return [n for n in ORDER if n in seen]
+
+
+def downstream(name: str) -> list[str]:
+    return [n for n in ORDER if name in upstream(n)]
+
+
+def config_view(cfg: KelixConfig, stage: Stage) -> dict[str, Any]:
+    """The part of the config a stage's outputs depend on: its section, minus other stages' schedules."""
+    view = dataclasses.asdict(cfg.section(stage.section))
+    if stage.train_field:
+        for f in dataclasses.fields(cfg.section(stage.section)):
+            if f.name.startswith("train") and f.name != stage.train_field:
+                view.pop(f.name)
+    if stage.section == "eval":
+        # The gate's thresholds decide promotion, not what evaluation computes.
+        view.pop("thresholds", None)
+        view.pop("regression_tolerance", None)
+    return view
+
+
+@lru_cache(maxsize=8)
+def _fingerprint_cached(root: str, stamp: tuple) -> str:
+    digest = hashlib.sha256()
+    base = Path(root)
+    for name in ("dataset.json", "manifest.jsonl", "quarantine.jsonl"):
+        if (base / name).exists():
+            digest.update(name.encode() + (base / name).read_bytes())
+    images = sorted(p for p in (base / "images").rglob("*") if p.is_file()) if (base / "images").exists() else []
+    for path in images:
+        digest.update(path.relative_to(base).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """Content hash of a dataset folder (manifest, metadata and every image); cached per manifest state."""
+    root = Path(data_dir).resolve()
+    manifest = root / "manifest.jsonl"
+    if not manifest.exists():
+        raise FileNotFoundError(f"no dataset at {root} (manifest.jsonl missing): run `kelix data generate shapes --out {data_dir}`")
+    stat = manifest.stat()
+    return _fingerprint_cached(str(root), (stat.st_mtime_ns, stat.st_size))
+
+
+def stage_keys(cfg: KelixConfig, data_version: str, names: list[str] | tuple[str, ...] = ORDER) -> dict[str, str]:
+    keys: dict[str, str] = {}
+
+    def key_of(name: str) -> str:
+        if name not in keys:
+            stage = STAGES[name]
+            payload = {
+                "stage": name,
+                "config": config_view(cfg, stage),
+                "data": data_version,
+                "inputs": {dep: key_of(dep) for dep in stage.inputs},
+            }
+            keys[name] = config_hash(payload, length=16)
+        return keys[name]
+
+    for name in names:
+        key_of(name)
+    return keys
+
+
+@dataclass
+class StageContext:
+    """Everything a stage function gets: config, data, its inputs' and its own folders."""
+
+    name: str
+    cfg: KelixConfig
+    data_dir: Path
+    inputs: dict[str, Path]
+    out_dir: Path
+    device: torch.device
+    key: str = ""
+    logger: MetricLogger = field(default_factory=MetricLogger)
+    progress: bool = True
+
+    def input(self, name: str) -> Path:
+        if name not in self.inputs:
+            raise KeyError(f"stage {self.name} has no input {name!r}; it reads {sorted(self.inputs)}")
+        return self.inputs[name]
+
+
+@dataclass
+class StageResult:
+    name: str
+    key: str
+    out_dir: Path
+    metrics: dict[str, float]
+    skipped: bool
+    seconds: float
+
+
+class StageInputMissing(RuntimeError):
+    """An input stage has not finished: run the stages in order (or the pipeline)."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def stage_resources(cfg: KelixConfig, name: str) -> Resources:
+    return cfg.runtime.resources.get(name, cfg.runtime.default_resources)
+
+
+def run_stage(
+    name: str,
+    cfg: KelixConfig,
+    data_dir: str | Path,
+    artifacts: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> StageResult:
+    """Run one stage unless its outputs for this key exist; resume it if a previous try crashed."""
+    stage = get_stage(name)
+    data_dir = Path(data_dir)
+    store = ArtifactStore(artifacts or cfg.runtime.artifacts)
+    keys = stage_keys(cfg, data_fingerprint(data_dir), [name])
+    key = keys[name]
+    out_dir = store.local_dir(name, key)
+    t0 = time.perf_counter()
+    if not force and store.is_done(name, key):
+        out_dir = store.pull(name, key)
+        return StageResult(name, key, out_dir, _read_metrics(out_dir), True, time.perf_counter() - t0)
+
+    inputs = {}
+    for dep in stage.inputs:
+        if not store.is_done(dep, keys[dep]):
+            raise StageInputMissing(
+                f"stage {name} needs {dep} (key {keys[dep]}) which has not finished in {store.uri}: "
+                f"run `kelix stage run {dep}` first, or `kelix pipeline run`"
+            )
+        inputs[dep] = store.pull(dep, keys[dep])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store.mark(name, key, RUNNING, inputs={d: keys[d] for d in stage.inputs})
+    ctx = StageContext(
+        name=name, cfg=cfg, data_dir=data_dir, inputs=inputs, out_dir=out_dir,
+        device=resolve_device(cfg.runtime.device), key=key,
+        logger=MetricLogger(out_dir / "metrics.jsonl"), progress=progress,
+    )
+    if cfg.runtime.num_threads > 0:
+        torch.set_num_threads(cfg.runtime.num_threads)
+    try:
+        metrics = stage.function()(ctx) or {}
+    except BaseException as exc:
+        store.mark(name, key, FAILED, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:])
+        raise
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    store.push(name, key)
+    store.mark(name, key, SUCCESS, inputs={d: keys[d] for d in stage.inputs}, metrics=metrics)
+    return StageResult(name, key, out_dir, metrics, False, time.perf_counter() - t0)
+
+
+def _read_metrics(out_dir: Path) -> dict[str, float]:
+    path = out_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+# ---- command line: `kelix stage ...` and `python -m kelix.stages ...` ----
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    for stage in STAGES.values():
+        deps = ", ".join(stage.inputs) or "data"
+        print(f"{stage.name:12s} <- {deps:32s} {stage.description}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kelix.cli import UserError
+    from kelix.config_cli import config_from_args
+
+    cfg = config_from_args(args)
+    data_dir = args.data or cfg.data.root
+    try:
+        result = run_stage(args.name, cfg, data_dir, args.artifacts, force=args.force)
+    except (KeyError, StageInputMissing, FileNotFoundError) as exc:
+        raise UserError(str(exc).strip('"')) from exc
+    state = "skipped (already done)" if result.skipped else f"done in {result.seconds:.1f}s"
+    print(f"{result.name} [{result.key}] {state} -> {result.out_dir}")
+    for k, v in sorted(result.metrics.items()):
+        print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from kelix.config_cli import config_from_args
+
+    cfg = config_from_args(args)
+    keys = stage_keys(cfg, data_fingerprint(args.data or cfg.data.root))
+    store = ArtifactStore(args.artifacts or cfg.runtime.artifacts)
+    for name, key in keys.items():
+        status = (store.status(name, key) or {}).get("status", "-")
+        print(f"{name:12s} {key}  {status}")
+    return 0
+
+
+def _add_commands(sub) -> None:
+    from kelix.config_cli import add_config_args
+
+    run = sub.add_parser("run", help="run one stage (skipped when its outputs for this key exist)")
+    run.add_argument("name", help=f"stage name: {', '.join(ORDER)}")
+    add_config_args(run)
+    run.add_argument("--data", default=None, help="dataset folder (default: data.root of the config)")
+    run.add_argument("--artifacts", default=None, help="artifact store URI (default: runtime.artifacts)")
+    run.add_argument("--force", action="store_true", help="rerun even if finished outputs exist")
+    run.set_defaults(func=_cmd_run)
+    lst = sub.add_parser("list", help="list the stages and what they read")
+    lst.set_defaults(func=_cmd_list)
+    keys = sub.add_parser("keys", help="print each stage's key and status for a config")
+    add_config_args(keys)
+    keys.add_argument("--data", default=None)
+    keys.add_argument("--artifacts", default=None)
+    keys.set_defaults(func=_cmd_keys)
+
+
+def register(sub) -> None:
+    stage = sub.add_parser("stage", help="run or inspect single stages")
+    stage_sub = stage.add_subparsers(dest="stage_command", metavar="ACTION")
+    stage_sub.required = True
+    _add_commands(stage_sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kelix.cli import UserError
+    from kelix.env import apply_env_defaults
+
+    apply_env_defaults()
+    parser = argparse.ArgumentParser(prog="python -m kelix.stages", description="Run one Kelix stage.")
+    sub = parser.add_subparsers(dest="stage_command", metavar="ACTION")
+    sub.required = True
+    _add_commands(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

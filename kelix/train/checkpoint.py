@@ -1,0 +1,130 @@
+"""Atomic, verified training checkpoints.
+
+A checkpoint is a folder `step_NNNNNNN/` holding `model.safetensors` (trainable parameters and buffers),
+`optim.pt` (optimiser, scheduler and RNG state: plain tensors, loaded with `weights_only=True`) and
+`meta.json`, written last with the sha256 of both files. It is written under a temporary name and renamed,
+so a crash mid-write leaves no folder that looks finished; a finished folder whose files no longer match
+their checksums is corrupt and reported as such.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted: missing files, wrong checksums, unreadable tensors."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    model_state: dict[str, torch.Tensor]
+    train_state: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    ckpt_dir: Path, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any],
+    extra: dict[str, Any] | None = None, keep: int = 2,
+) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"{PREFIX}{step:07d}"
+    tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    # safetensors refuses tensors that share memory (tied weights): store independent copies.
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model_state.items()}
+    save_file(tensors, tmp / "model.safetensors")
+    torch.save(train_state, tmp / "optim.pt")
+    meta = {
+        "step": step,
+        "files": {name: _sha256(tmp / name) for name in ("model.safetensors", "optim.pt")},
+        **(extra or {}),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    for name in ("model.safetensors", "optim.pt", "meta.json"):
+        with open(tmp / name, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)
+    for old in list_checkpoints(ckpt_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first (temporary folders of interrupted writes are ignored)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no meta.json): it was not finished writing; delete it")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {path} has an unreadable meta.json ({exc}); delete it") from exc
+    for name, expected in meta.get("files", {}).items():
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"checkpoint {path} lacks {name}; delete the folder to resume from an earlier one")
+        actual = _sha256(file)
+        if actual != expected:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} is corrupt (sha256 {actual[:12]} != recorded {expected[:12]}); "
+                "delete the folder to resume from an earlier checkpoint"
+            )
+    try:
+        model_state = load_file(path / "model.safetensors")
+        train_state = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+    return Checkpoint(path=path, step=int(meta["step"]), model_state=model_state, train_state=train_state, meta=meta)
+
+
+def latest_checkpoint(ckpt_dir: Path, warn=print) -> Checkpoint | None:
+    """The newest checkpoint that verifies; corrupt ones are reported and skipped, never deleted."""
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as exc:
+            warn(f"warning: skipping {exc}")
+    return None

@@ -1,0 +1,151 @@
+"""The one training loop every stage shares (tokenizer 1-3, LLM 1-4, DiT 1-2, AE-DiT).
+
+What it owns: AdamW with per-group learning rates, warmup + cosine, gradient accumulation, clipping,
+bf16 autocast where the device has it, seeding, a progress bar, metric logging, atomic checkpoints and
+exact resume. What it does not own: the model, the loss and the data; a stage passes `get_batch(i)`
+(micro-batch i, a pure function of i, see sampler.py) and `step_fn(model, batch) -> (loss, metrics)`.
+
+Resume restores parameters, optimiser moments and RNG state, and batches depend only on the step, so a
+run killed at step k and resumed gives the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kelix.train.checkpoint import latest_checkpoint, save_checkpoint
+from kelix.train.config import TrainConfig
+from kelix.train.metrics import MetricLogger
+from kelix.train.schedule import lr_factor
+
+StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainResult:
+    step: int
+    resumed_from: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    stopped_by_budget: bool = False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and all buffers: what a stage changes. Frozen weights come from the input stage."""
+    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b for n, b in model.named_buffers() if b is not None})
+    return state
+
+
+def build_optimizer(param_groups: Iterable[dict], cfg: TrainConfig) -> torch.optim.AdamW:
+    groups = []
+    for group in param_groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        if not params:
+            continue
+        # Norms, biases and embeddings-as-gains get no weight decay (1-d tensors).
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        lr = group.get("lr", cfg.lr)
+        for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
+            if ps:
+                groups.append({"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd})
+    if not groups:
+        raise ValueError("no trainable parameters: check which parts this stage unfreezes")
+    return torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16" and (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def train(
+    model: torch.nn.Module,
+    param_groups: Iterable[dict],
+    get_batch: Callable[[int], Any],
+    step_fn: StepFn,
+    cfg: TrainConfig,
+    run_dir: Path,
+    desc: str = "train",
+    logger: MetricLogger | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `model` for `cfg.num_steps` optimiser steps, resuming from `run_dir/checkpoints` if present."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    logger = logger or MetricLogger(run_dir / "metrics.jsonl")
+    device = next(model.parameters()).device
+    seed_everything(cfg.seed)
+    optimizer = build_optimizer(param_groups, cfg)
+
+    start = 0
+    ckpt = latest_checkpoint(ckpt_dir)
+    if ckpt is not None:
+        missing = set(trainable_state(model)) - set(ckpt.model_state)
+        if missing:
+            raise RuntimeError(f"checkpoint {ckpt.path} does not match this stage's model (missing {sorted(missing)[:3]})")
+        model.load_state_dict(ckpt.model_state, strict=False)
+        optimizer.load_state_dict(ckpt.train_state["optimizer"])
+        torch.set_rng_state(ckpt.train_state["torch_rng"])
+        start = ckpt.step
+
+    t0 = time.perf_counter()
+    metrics: dict[str, float] = {}
+    stopped = False
+    model.train()
+    bar = tqdm(total=cfg.num_steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    step = start
+    while step < cfg.num_steps:
+        factor = lr_factor(step, cfg.num_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        sums: dict[str, float] = {}
+        for micro in range(cfg.grad_accum_steps):
+            batch = get_batch(step * cfg.grad_accum_steps + micro)
+            with _autocast(device, cfg.precision):
+                loss, step_metrics = step_fn(model, batch)
+            (loss / cfg.grad_accum_steps).backward()
+            for k, v in {"loss": float(loss.detach()), **step_metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum_steps
+        if cfg.grad_clip > 0:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        metrics = sums
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.num_steps:
+            logger.log({**metrics, "lr": cfg.lr * factor}, step)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        over_budget = cfg.time_budget_s > 0 and time.perf_counter() - t0 > cfg.time_budget_s
+        if step % cfg.checkpoint_every == 0 or step == cfg.num_steps or over_budget:
+            save_checkpoint(
+                ckpt_dir, step, trainable_state(model),
+                {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+                extra={"desc": desc, "loss": metrics.get("loss")},
+            )
+            if on_checkpoint:
+                on_checkpoint(step)
+        if over_budget:
+            stopped = True
+            break
+    bar.close()
+    return TrainResult(step=step, resumed_from=start, metrics=metrics, seconds=time.perf_counter() - t0,
+                       stopped_by_budget=stopped)

@@ -1,0 +1,23 @@
+"""Shared test setup: offline/quiet env defaults, a small thread count, and a tiny shapes dataset fixture."""
+from __future__ import annotations
+
+import os
+
+from kelix.env import apply_env_defaults
+
+apply_env_defaults()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A small shapes dataset (generated once per session) for stage and model tests."""
+    from kelix.data.shapes import generate_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(root, num_train=256, num_val=64, num_test=64, seed=0, image_size=64)
+    return root
