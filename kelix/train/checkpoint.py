@@ -112,6 +112,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
                 f"checkpoint {path}: {name} is corrupt (sha256 {actual[:12]} != recorded {expected[:12]}); "
                 "delete the folder to resume from an earlier checkpoint"
             )
+    if meta.get("format") == "dcp":
+        # Sharded (torchrun) checkpoint: verified here, loaded by kelix.train.distributed.load_dcp.
+        return Checkpoint(path=path, step=int(meta["step"]), model_state={}, train_state={}, meta=meta)
     try:
         model_state = load_file(path / "model.safetensors")
         train_state = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)

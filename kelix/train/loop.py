@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kelix.train import distributed
 from kelix.train.checkpoint import latest_checkpoint, save_checkpoint
 from kelix.train.config import TrainConfig
 from kelix.train.metrics import MetricLogger
@@ -50,6 +51,24 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _groups_by_name(model: torch.nn.Module, param_groups: Iterable[dict]) -> list[dict]:
+    """Param groups as parameter names: FSDP2 replaces parameter objects, names survive."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for group in param_groups:
+        params = list(group["params"])
+        unknown = [p for p in params if id(p) not in names]
+        if unknown:
+            raise ValueError("a param group holds tensors that are not parameters of the trained model")
+        out.append({**group, "params": [names[id(p)] for p in params]})
+    return out
+
+
+def _groups_from_names(model: torch.nn.Module, named_groups: list[dict]) -> list[dict]:
+    params = dict(model.named_parameters())
+    return [{**g, "params": [params[n] for n in g["params"]]} for g in named_groups]
+
+
 def build_optimizer(param_groups: Iterable[dict], cfg: TrainConfig) -> torch.optim.AdamW:
     groups = []
     for group in param_groups:
@@ -74,6 +93,16 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def _over_budget(cfg: TrainConfig, t0: float) -> bool:
+    """Ranks must agree on stopping, or one would wait forever in the next collective: rank 0 decides."""
+    over = cfg.time_budget_s > 0 and time.perf_counter() - t0 > cfg.time_budget_s
+    if distributed.current() is None:
+        return over
+    flag = torch.tensor([1.0 if over else 0.0])
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def train(
     model: torch.nn.Module,
     param_groups: Iterable[dict],
@@ -89,27 +118,35 @@ def train(
     """Train `model` for `cfg.num_steps` optimiser steps, resuming from `run_dir/checkpoints` if present."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    logger = logger or MetricLogger(run_dir / "metrics.jsonl")
+    info = distributed.current()
+    main = info is None or info.is_main
+    logger = logger or MetricLogger(run_dir / "metrics.jsonl" if main else None)
     device = next(model.parameters()).device
     seed_everything(cfg.seed)
-    optimizer = build_optimizer(param_groups, cfg)
+    named_groups = _groups_by_name(model, param_groups)
 
     start = 0
     ckpt = latest_checkpoint(ckpt_dir)
-    if ckpt is not None:
+    if ckpt is not None and ckpt.meta.get("format") != "dcp":
         missing = set(trainable_state(model)) - set(ckpt.model_state)
         if missing:
             raise RuntimeError(f"checkpoint {ckpt.path} does not match this stage's model (missing {sorted(missing)[:3]})")
         model.load_state_dict(ckpt.model_state, strict=False)
-        optimizer.load_state_dict(ckpt.train_state["optimizer"])
-        torch.set_rng_state(ckpt.train_state["torch_rng"])
+    step_model = distributed.wrap(model, info) if info else model
+    optimizer = build_optimizer(_groups_from_names(model, named_groups), cfg)
+    if ckpt is not None:
+        if ckpt.meta.get("format") == "dcp":
+            distributed.load_dcp(ckpt.path, model, optimizer)
+        elif info is None or info.strategy == "ddp":
+            optimizer.load_state_dict(ckpt.train_state["optimizer"])
+            torch.set_rng_state(ckpt.train_state["torch_rng"])
         start = ckpt.step
 
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
     stopped = False
     model.train()
-    bar = tqdm(total=cfg.num_steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=cfg.num_steps, initial=start, desc=desc, disable=not (progress and main), dynamic_ncols=True, leave=False)
     step = start
     while step < cfg.num_steps:
         factor = lr_factor(step, cfg.num_steps, cfg.warmup_steps, cfg.min_lr_ratio)
@@ -119,28 +156,33 @@ def train(
         for micro in range(cfg.grad_accum_steps):
             batch = get_batch(step * cfg.grad_accum_steps + micro)
             with _autocast(device, cfg.precision):
-                loss, step_metrics = step_fn(model, batch)
+                loss, step_metrics = step_fn(step_model, batch)
             (loss / cfg.grad_accum_steps).backward()
             for k, v in {"loss": float(loss.detach()), **step_metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum_steps
         if cfg.grad_clip > 0:
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            sums["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         metrics = sums
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.num_steps:
+            metrics = distributed.mean_across_ranks(metrics)
             logger.log({**metrics, "lr": cfg.lr * factor}, step)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        over_budget = cfg.time_budget_s > 0 and time.perf_counter() - t0 > cfg.time_budget_s
+        over_budget = _over_budget(cfg, t0)
         if step % cfg.checkpoint_every == 0 or step == cfg.num_steps or over_budget:
-            save_checkpoint(
-                ckpt_dir, step, trainable_state(model),
-                {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
-                extra={"desc": desc, "loss": metrics.get("loss")},
-            )
+            extra = {"desc": desc, "loss": metrics.get("loss")}
+            if info is not None:
+                distributed.save_dcp(ckpt_dir, step, model, optimizer, extra=extra)
+            else:
+                save_checkpoint(
+                    ckpt_dir, step, trainable_state(model),
+                    {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, extra=extra,
+                )
             if on_checkpoint:
                 on_checkpoint(step)
         if over_budget:

@@ -2,20 +2,31 @@
 
 The example order is a seeded permutation per epoch, so the batch of step k is known without replaying
 steps 0..k-1, and a run resumed at step k reads exactly the examples it would have read.
+`batch_size` is the global batch: under torchrun each rank takes its slice of it, so the ranks together
+read what a single process reads, and the averaged gradients match (see kelix/train/distributed.py).
 """
 from __future__ import annotations
 
 import numpy as np
+import torch.distributed as dist
 
 
 class StepSampler:
-    def __init__(self, num_examples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_examples: int, batch_size: int, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None):
         if num_examples <= 0:
             raise ValueError("the training split is empty: generate or import data first")
+        if world_size is None:
+            joined = dist.is_available() and dist.is_initialized()
+            world_size = dist.get_world_size() if joined else 1
+            rank = dist.get_rank() if joined else 0
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} does not split over {world_size} processes")
         self.num_examples = num_examples
         self.batch_size = batch_size
+        self.per_rank = batch_size // world_size
         self.seed = seed
-        self.rank = rank
+        self.rank = rank or 0
         self.world_size = world_size
         self._perms: dict[int, np.ndarray] = {}
 
@@ -27,12 +38,10 @@ class StepSampler:
         return self._perms[epoch]
 
     def indices(self, step: int) -> np.ndarray:
-        """Example indices of this rank's share of the global batch at `step`."""
-        global_batch = self.batch_size * self.world_size
-        start = step * global_batch + self.rank * self.batch_size
-        out = np.empty(self.batch_size, dtype=np.int64)
-        for i in range(self.batch_size):
-            pos = start + i
-            epoch, offset = divmod(pos, self.num_examples)
+        """Example indices of this rank's slice of the global batch at `step`."""
+        start = step * self.batch_size + self.rank * self.per_rank
+        out = np.empty(self.per_rank, dtype=np.int64)
+        for i in range(self.per_rank):
+            epoch, offset = divmod(start + i, self.num_examples)
             out[i] = self._perm(epoch)[offset]
         return out

@@ -1,0 +1,146 @@
+"""Data parallelism for the shared loop under `torchrun`: DDP or FSDP2, and resharding-safe checkpoints.
+
+How a model is sharded lives here, beside the loop, not inside the model (torchtitan's split). The loop asks
+`current()` whether it runs in a process group; if so it wraps the model with `wrap()` and checkpoints with
+`torch.distributed.checkpoint` (DCP), whose files can be loaded by any number of processes, one included:
+a 2-GPU job killed mid-way resumes on 1 or 4.
+
+The strategy comes from `KELIX_DISTRIBUTED` ("ddp" | "fsdp"), set by the stage entry point from
+`runtime.distributed`. gloo on CPU, nccl on GPUs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+ENV_STRATEGY = "KELIX_DISTRIBUTED"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    strategy: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env() -> DistInfo | None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); a no-op for a plain process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return current()
+
+
+def current() -> DistInfo | None:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return None
+    strategy = os.environ.get(ENV_STRATEGY, "ddp")
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"{ENV_STRATEGY}={strategy!r}: choose ddp or fsdp")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), strategy)
+
+
+def is_main_process() -> bool:
+    info = current()
+    return info is None or info.is_main
+
+
+def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """DDP replicates and all-reduces gradients; FSDP2 shards parameters, gradients and optimiser state."""
+    if info.strategy == "ddp":
+        device_ids = [info.local_rank] if torch.cuda.is_available() else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    from torch.distributed.fsdp import fully_shard
+
+    # Shard each block that holds trainable weights, then the root, so peak memory is one block's full weights.
+    for module in list(model.modules())[1:]:
+        if isinstance(module, torch.nn.ModuleList):
+            for block in module:
+                if any(p.requires_grad for p in block.parameters()):
+                    fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    if current() is None or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    tensor /= dist.get_world_size()
+    return dict(zip(keys, tensor.tolist()))
+
+
+def save_dcp(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
+    """Every rank writes its shard into one folder (a shared filesystem); rank 0 finishes it atomically."""
+    from kelix.train.checkpoint import PREFIX, _sha256, list_checkpoints
+
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / f"{PREFIX}{step:07d}"
+    tmp = ckpt_dir / f".tmp-{final.name}-dcp"
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"), no_dist=current() is None)
+    if is_main_process():
+        files = sorted(p for p in (tmp / "dcp").iterdir() if p.is_file())
+        meta = {"step": step, "format": "dcp", "world_size": (current().world_size if current() else 1),
+                "files": {f"dcp/{p.name}": _sha256(p) for p in files}, **(extra or {})}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_dcp(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a DCP checkpoint into a model sharded for *this* run's world size (any number of processes)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(Path(path) / "dcp"), no_dist=current() is None)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def _barrier() -> None:
+    if current() is not None:
+        dist.barrier()
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded weights on the CPU (a collective under FSDP: every rank must call it; use them on rank 0)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    if current() is None:
+        return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,0 +1,85 @@
+"""Typed configs: presets, params file + --set overrides, strict errors, stable hashes."""
+from __future__ import annotations
+
+import pytest
+
+from kelix.config import PRESETS, ConfigError, config_from_dict, config_hash, load_config, preset_config
+from kelix.stages import STAGES, config_view, stage_keys
+
+
+def test_presets_resolve_and_differ():
+    hashes = {p: config_hash(preset_config(p)) for p in PRESETS}
+    assert len(set(hashes.values())) == 3
+    paper = preset_config("paper")
+    assert (paper.tokenizer.num_codebooks, paper.tokenizer.codebook_size, paper.tokenizer.code_dim) == (8, 8192, 128)
+    assert (paper.tokenizer.patch_size, paper.tokenizer.merge, paper.tokenizer.num_positions) == (14, 2, 324)
+    assert (paper.llm.bd_num_layers, paper.llm.bd_hidden_size, paper.llm.bd_num_heads, paper.llm.bd_intermediate_size) == (1, 512, 4, 2048)
+    assert paper.dit.latent == "dcae" and paper.dit.output_size == 504
+
+
+def test_params_file_then_overrides(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("preset: small\ntokenizer:\n  num_codebooks: 6\n  train1:\n    lr: 0.001\nllm:\n  num_layers: 2\n")
+    cfg = load_config(None, params, ["llm.num_layers=5", "dit.guidance_scale=2"])
+    assert cfg.preset == "small"
+    assert cfg.tokenizer.num_codebooks == 6
+    assert cfg.tokenizer.train1.lr == 0.001
+    assert cfg.llm.num_layers == 5  # --set wins over the file
+    assert cfg.dit.guidance_scale == 2.0 and isinstance(cfg.dit.guidance_scale, float)
+    # explicit preset wins over the file's
+    assert load_config("tiny", params).preset == "tiny"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tokenizer.nope=1", "unknown config key 'tokenizer.nope'"),
+    ("nosection.x=1", "unknown config key 'nosection'"),
+    ("tokenizer.num_codebooks=eight", "must be an integer"),
+    ("tokenizer.num_codebooks=1.5", "must be an integer"),
+    ("eval.thresholds=3", "must be a mapping"),
+    ("tokenizer.train1=5", "is a section"),
+    ("runtime.deterministic=yes please", "must be true or false"),
+    ("just-a-word", "must look like section.field=value"),
+])
+def test_bad_overrides_are_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", None, [override])
+
+
+def test_bad_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("tiny", tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config("tiny", bad)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("huge")
+
+
+def test_nested_dataclass_values_in_dicts():
+    cfg = load_config("tiny", None, ['runtime.resources={"llm-2": {"gpus": 4, "num_nodes": 2}}'])
+    assert cfg.runtime.resources["llm-2"].gpus == 4 and cfg.runtime.resources["llm-2"].num_nodes == 2
+    with pytest.raises(ConfigError, match="gpus"):
+        load_config("tiny", None, ['runtime.resources={"llm-2": {"gpus": "four"}}'])
+
+
+def test_round_trip_through_dict():
+    cfg = load_config("tiny", None, ["llm.num_layers=7"])
+    again = config_from_dict(cfg.to_dict())
+    assert config_hash(again) == config_hash(cfg)
+
+
+def test_stage_keys_follow_only_their_inputs():
+    base = load_config("tiny")
+    keys = stage_keys(base, "data-v1")
+    # A DiT change moves only the DiT stages and what reads them.
+    dit_changed = stage_keys(load_config("tiny", None, ["dit.train2.num_steps=7"]), "data-v1")
+    changed = {n for n in keys if keys[n] != dit_changed[n]}
+    assert changed == {"dit-2", "eval"}
+    # Another stage's schedule is not part of a stage's key.
+    view = config_view(base, STAGES["tokenizer-2"])
+    assert "train2" in view and "train1" not in view and "train3" not in view
+    # Gate thresholds decide promotion, not what evaluation computes.
+    assert stage_keys(load_config("tiny", None, ["eval.regression_tolerance=0.5"]), "data-v1") == keys
+    # New data moves everything.
+    assert all(stage_keys(base, "data-v2")[n] != k for n, k in keys.items())

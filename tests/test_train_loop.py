@@ -1,0 +1,131 @@
+"""The shared loop: schedule, accumulation, atomic verified checkpoints, exact resume after a crash."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kelix.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
+from kelix.train.config import TrainConfig
+from kelix.train.loop import train
+from kelix.train.sampler import StepSampler
+from kelix.train.schedule import lr_factor
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _problem(seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(64, 8)
+    y = x @ torch.randn(8, 1) + 0.1 * torch.randn(64, 1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.1), torch.nn.Linear(16, 1))
+    model[0].weight.requires_grad_(False)  # a frozen part, as in stage 1s
+    sampler = StepSampler(len(x), 8, seed=3)
+
+    def get_batch(i):
+        idx = torch.from_numpy(sampler.indices(i))
+        return x[idx], y[idx]
+
+    def step_fn(m, batch):
+        xb, yb = batch
+        loss = torch.nn.functional.mse_loss(m(xb), yb)
+        return loss, {"mse": float(loss.detach())}
+
+    return model, get_batch, step_fn
+
+
+def _cfg(**kw):
+    base = dict(num_steps=12, batch_size=8, lr=1e-2, warmup_steps=2, checkpoint_every=4, log_every=2, grad_accum_steps=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_schedule_warmup_then_cosine():
+    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 100, 10, 0.1) == pytest.approx(0.55)
+
+
+def test_sampler_is_a_function_of_the_step():
+    s = StepSampler(10, 4, seed=1)
+    first = [s.indices(i).tolist() for i in range(5)]
+    again = StepSampler(10, 4, seed=1)
+    assert [again.indices(i).tolist() for i in reversed(range(5))][::-1] == first
+    epoch0 = sorted(sum(first[:2], []) + first[2][:2])
+    assert epoch0 == list(range(10))  # every example once per epoch
+    # two ranks split the global batch without overlap
+    r0, r1 = StepSampler(10, 4, seed=1, rank=0, world_size=2), StepSampler(10, 4, seed=1, rank=1, world_size=2)
+    assert sorted(r0.indices(3).tolist() + r1.indices(3).tolist()) == sorted(s.indices(3).tolist())
+
+
+def test_training_reduces_loss_and_freezes(tmp_path):
+    model, get_batch, step_fn = _problem()
+    frozen = model[0].weight.clone()
+    before = float(step_fn(model.eval(), get_batch(0))[0])
+    result = train(model, [{"params": model.parameters()}], get_batch, step_fn, _cfg(num_steps=40, lr=3e-2), tmp_path, progress=False)
+    assert result.step == 40 and result.resumed_from == 0
+    assert float(step_fn(model.eval(), get_batch(0))[0]) < 0.5 * before
+    assert torch.equal(model[0].weight, frozen)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(2, 41, 2)) and "lr" in logged[0]
+    ckpt = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
+    assert "0.weight" not in ckpt.model_state  # frozen weights come from the input stage, not the checkpoint
+    assert len(list_checkpoints(tmp_path / "checkpoints")) == 2  # keeps the last two
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path):
+    model_a, get_batch, step_fn = _problem()
+    train(model_a, [{"params": model_a.parameters()}], get_batch, step_fn, _cfg(), tmp_path / "a", progress=False)
+
+    model_b, get_batch_b, step_fn_b = _problem()
+    calls = {"n": 0}
+
+    def crashing(m, batch):
+        calls["n"] += 1
+        if calls["n"] == 2 * 6 + 1:  # micro-batch 13: during step 7, after the step-4 checkpoint
+            raise Crash("killed")
+        return step_fn_b(m, batch)
+
+    with pytest.raises(Crash):
+        train(model_b, [{"params": model_b.parameters()}], get_batch_b, crashing, _cfg(), tmp_path / "b", progress=False)
+    model_c, get_batch_c, step_fn_c = _problem()
+    result = train(model_c, [{"params": model_c.parameters()}], get_batch_c, step_fn_c, _cfg(), tmp_path / "b", progress=False)
+    assert result.resumed_from == 4
+    for (na, pa), (_, pc) in zip(model_a.state_dict().items(), model_c.state_dict().items()):
+        assert torch.equal(pa, pc), na
+
+
+def test_corrupt_checkpoint_is_reported_and_skipped(tmp_path):
+    model, get_batch, step_fn = _problem()
+    train(model, [{"params": model.parameters()}], get_batch, step_fn, _cfg(num_steps=8), tmp_path, progress=False)
+    older, newer = list_checkpoints(tmp_path / "checkpoints")
+    blob = newer / "model.safetensors"
+    blob.write_bytes(blob.read_bytes()[:-7] + b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(newer)
+    warnings = []
+    assert latest_checkpoint(tmp_path / "checkpoints", warn=warnings.append).step == 4
+    assert "corrupt" in warnings[0] and newer.exists()  # reported, never deleted
+    (older / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load_checkpoint(older)
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    model, get_batch, step_fn = _problem()
+    train(model, [{"params": model.parameters()}], get_batch, step_fn, _cfg(num_steps=4), tmp_path, progress=False)
+    (tmp_path / "checkpoints" / ".tmp-step_0000008-123").mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_0000004"]
+
+
+def test_time_budget_stops_with_a_checkpoint(tmp_path):
+    model, get_batch, step_fn = _problem()
+    result = train(model, [{"params": model.parameters()}], get_batch, step_fn, _cfg(num_steps=10_000, time_budget_s=0.2),
+                   tmp_path, progress=False)
+    assert result.stopped_by_budget and 0 < result.step < 10_000
+    assert latest_checkpoint(tmp_path / "checkpoints").step == result.step
