@@ -169,6 +169,8 @@ class StageContext:
     key: str = ""
     logger: MetricLogger = field(default_factory=MetricLogger)
     progress: bool = True
+    # False on every torchrun rank but 0: only the main process writes final outputs.
+    is_main: bool = True
 
     def input(self, name: str) -> Path:
         if name not in self.inputs:
@@ -209,7 +211,10 @@ def run_stage(
     progress: bool = True,
 ) -> StageResult:
     """Run one stage unless its outputs for this key exist; resume it if a previous try crashed."""
+    from kelix.train import distributed
+
     stage = get_stage(name)
+    main = distributed.is_main_process()
     data_dir = Path(data_dir)
     store = ArtifactStore(artifacts or cfg.runtime.artifacts)
     keys = stage_keys(cfg, data_fingerprint(data_dir), [name])
@@ -230,22 +235,25 @@ def run_stage(
         inputs[dep] = store.pull(dep, keys[dep])
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    store.mark(name, key, RUNNING, inputs={d: keys[d] for d in stage.inputs})
+    if main:
+        store.mark(name, key, RUNNING, inputs={d: keys[d] for d in stage.inputs})
     ctx = StageContext(
         name=name, cfg=cfg, data_dir=data_dir, inputs=inputs, out_dir=out_dir,
         device=resolve_device(cfg.runtime.device), key=key,
-        logger=MetricLogger(out_dir / "metrics.jsonl"), progress=progress,
+        logger=MetricLogger(out_dir / "metrics.jsonl" if main else None), progress=progress and main, is_main=main,
     )
     if cfg.runtime.num_threads > 0:
         torch.set_num_threads(cfg.runtime.num_threads)
     try:
         metrics = stage.function()(ctx) or {}
     except BaseException as exc:
-        store.mark(name, key, FAILED, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:])
+        if main:
+            store.mark(name, key, FAILED, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:])
         raise
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    store.push(name, key)
-    store.mark(name, key, SUCCESS, inputs={d: keys[d] for d in stage.inputs}, metrics=metrics)
+    if main:
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        store.push(name, key)
+        store.mark(name, key, SUCCESS, inputs={d: keys[d] for d in stage.inputs}, metrics=metrics)
     return StageResult(name, key, out_dir, metrics, False, time.perf_counter() - t0)
 
 
@@ -269,6 +277,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     data_dir = args.data or cfg.data.root
+    _join_torchrun(cfg)
     try:
         result = run_stage(args.name, cfg, data_dir, args.artifacts, force=args.force)
     except (KeyError, StageInputMissing, FileNotFoundError) as exc:
@@ -278,6 +287,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for k, v in sorted(result.metrics.items()):
         print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
     return 0
+
+
+def _join_torchrun(cfg: KelixConfig) -> None:
+    """Under torchrun (WORLD_SIZE > 1) join the process group with the configured strategy."""
+    import os
+
+    from kelix.train import distributed
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os.environ.setdefault(distributed.ENV_STRATEGY, cfg.runtime.distributed if cfg.runtime.distributed != "none" else "ddp")
+        distributed.init_from_env()
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:

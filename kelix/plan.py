@@ -1,0 +1,166 @@
+"""`kelix plan`: size a cluster before submitting, from the models built on PyTorch's meta device.
+
+Every model (Kelix-Tok + aux decoder, the unified LLM, the DiT and AE-DiT with their DC-AE) is built at the
+preset's real size with no memory, so parameter counts are exact. FLOPs and memory are estimates with stated
+assumptions (printed with the table):
+- FLOPs per step = 2*P*T forward + 2*P*T activation gradients + 2*P_trainable*T weight gradients, plus
+  attention's 4*L*S^2*d per sequence forward (x3 with backward); P counts the weights a token passes through.
+- Memory per GPU under FSDP = (16 bytes per trainable parameter: fp32 weight, gradient and two Adam moments,
+  + 2 bytes per frozen bf16 parameter) / GPUs + activations with per-layer checkpointing
+  (~ 2 bytes x tokens per GPU x width x (layers + 10)).
+- GPU-hours = steps x FLOPs per step / (GPUs x peak x MFU).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from kelix.config import KelixConfig
+
+
+@dataclass
+class Part:
+    name: str
+    params: int
+    trainable: int
+    tokens_per_example: int
+    seq_len: int
+    width: int
+    layers: int
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    steps: int
+    batch: int
+    flops_per_step: float
+    memory_gb: float
+    gpu_hours: float
+
+
+def _count(module: torch.nn.Module, frozen_prefixes: tuple[str, ...] = ()) -> tuple[int, int]:
+    total = trainable = 0
+    for name, p in module.named_parameters():
+        total += p.numel()
+        if not name.startswith(frozen_prefixes):
+            trainable += p.numel()
+    return total, trainable
+
+
+def build_parts(cfg: KelixConfig) -> dict:
+    """Every model of the pipeline at full size on the meta device."""
+    from diffusers import AutoencoderDC
+
+    from kelix.dit.model import KelixDiT
+    from kelix.llm.model import KelixLLM
+    from kelix.tokenizer.aux_decoder import AuxDecoder
+    from kelix.tokenizer.model import KelixTokenizer
+
+    tok_cfg = dataclasses.replace(cfg.tokenizer, vit_pretrained="")
+    llm_cfg = dataclasses.replace(cfg.llm, pretrained="")
+    t, ll, d = tok_cfg, llm_cfg, cfg.dit
+    patches = (t.image_size // t.patch_size) ** 2
+    with torch.device("meta"):
+        tokenizer = KelixTokenizer(tok_cfg, load_pretrained=False)
+        aux = AuxDecoder.from_tokenizer_config(tok_cfg, t.text_vocab_size)
+        codebooks = torch.empty(t.num_codebooks, t.codebook_size, t.code_dim)
+        llm = KelixLLM.from_config(llm_cfg, t.num_codebooks, t.codebook_size, t.text_vocab_size, codebooks, t.num_positions)
+        autoencoder = AutoencoderDC() if d.latent == "dcae" else None  # diffusers' defaults are DC-AE f32c32
+        dit = KelixDiT(d, ll.hidden_size, autoencoder)
+    tok_total, _ = _count(tokenizer)
+    aux_total, _ = _count(aux)
+    llm_total, _ = _count(llm)
+    dit_total, dit_train = _count(dit, ("autoencoder.",))
+    dit_tokens = (dit.latent_shape[1] // d.patch_size) ** 2
+    bd_params = sum(p.numel() for p in llm.block_decoder.parameters())
+    return {
+        "vit_params": sum(p.numel() for p in tokenizer.encoder.vit.parameters()),
+        "tokenizer": Part("Kelix-Tok (ViT + quantizer)", tok_total, tok_total, patches, patches, t.vit_hidden_size, t.vit_num_layers),
+        "aux": Part("aux decoder (Qwen3)", aux_total, aux_total, t.num_positions + t.max_text_len,
+                    t.num_positions + t.max_text_len, t.aux_hidden_size, t.aux_num_layers),
+        "llm": Part("unified LLM (Qwen3 + block enc/dec)", llm_total, llm_total, ll.max_blocks, ll.max_blocks,
+                    ll.hidden_size, ll.num_layers),
+        "block_decoder": Part("block decoder", bd_params, bd_params, ll.max_blocks * (t.num_codebooks + 1),
+                              t.num_codebooks + 1, ll.bd_hidden_size, ll.bd_num_layers),
+        "dit": Part("DiT (SANA)" + (" + frozen DC-AE" if autoencoder is not None else ""), dit_total, dit_train,
+                    dit_tokens, dit_tokens, d.num_heads * d.head_dim, d.num_layers),
+    }
+
+
+def _flops(part: Part, batch: int, trainable: int | None = None) -> float:
+    tokens = batch * part.tokens_per_example
+    trainable = part.trainable if trainable is None else trainable
+    dense = 4 * part.params * tokens + 2 * trainable * tokens
+    sequences = tokens / max(1, part.seq_len)
+    attention = 3 * 4 * part.layers * part.seq_len**2 * part.width * sequences
+    return dense + attention
+
+
+def _memory_gb(parts: list[tuple[Part, int]], batch: int, gpus: int) -> float:
+    states = sum(16 * trainable + 2 * (p.params - trainable) for p, trainable in parts) / gpus
+    acts = sum(2 * max(1, batch // gpus) * p.tokens_per_example * p.width * (p.layers + 10) for p, _ in parts)
+    return (states + acts) / 1e9
+
+
+def plan(cfg: KelixConfig, gpus: int, peak_tflops: float, mfu: float) -> tuple[dict, list[StagePlan]]:
+    parts = build_parts(cfg)
+    tok, aux, llm, bd, dit = (parts[k] for k in ("tokenizer", "aux", "llm", "block_decoder", "dit"))
+    # Stage 1 trains only the adapter, SimVQ projections and up-projections: everything but the ViT.
+    adapters = tok.params - parts["vit_params"]
+    stages = []
+
+    def add(name: str, train, members: list[tuple[Part, int]]) -> None:
+        flops = sum(_flops(p, train.batch_size, t) for p, t in members)
+        hours = train.num_steps * flops / (peak_tflops * 1e12 * mfu) / 3600
+        stages.append(StagePlan(name, train.num_steps, train.batch_size, flops, _memory_gb(members, train.batch_size, gpus), hours))
+
+    t, ll, d = cfg.tokenizer, cfg.llm, cfg.dit
+    add("tokenizer-1", t.train1, [(tok, adapters), (aux, 0)])
+    add("tokenizer-2", t.train2, [(tok, tok.params), (aux, aux.params)])
+    add("tokenizer-3", t.train3, [(tok, tok.params), (aux, aux.params)])
+    add("llm-1", ll.train1, [(llm, bd.params), (bd, bd.params)])
+    for name, train in (("llm-2", ll.train2), ("llm-3", ll.train3), ("llm-4", ll.train4)):
+        add(name, train, [(llm, llm.params), (bd, bd.params)])
+    add("aedit", d.train_ae, [(dit, dit.trainable)])
+    # The DiT's condition (the frozen LLM's hidden states) is computed once per image and cached by the stage.
+    add("dit-1", d.train1, [(dit, dit.trainable)])
+    add("dit-2", d.train2, [(dit, dit.trainable)])
+    return parts, stages
+
+
+def format_plan(cfg: KelixConfig, parts: dict, stages: list[StagePlan], gpus: int, peak: float, mfu: float) -> str:
+    lines = [f"# kelix plan: preset {cfg.preset}, {gpus} GPUs at {peak:g} TFLOP/s bf16 peak, MFU {mfu:.0%}", "",
+             "| model | parameters | trainable | tokens/example |", "|---|---:|---:|---:|"]
+    for part in (p for p in parts.values() if isinstance(p, Part)):
+        lines.append(f"| {part.name} | {part.params / 1e6:,.1f} M | {part.trainable / 1e6:,.1f} M | {part.tokens_per_example:,} |")
+    lines += ["", "| stage | steps | batch | TFLOPs/step | memory/GPU (FSDP) | GPU-hours |", "|---|---:|---:|---:|---:|---:|"]
+    for s in stages:
+        lines.append(f"| {s.stage} | {s.steps:,} | {s.batch:,} | {s.flops_per_step / 1e12:,.1f} | {s.memory_gb:,.1f} GB | {s.gpu_hours:,.1f} |")
+    total = sum(s.gpu_hours for s in stages)
+    lines += ["", f"Total: {total:,.0f} GPU-hours, {total / gpus:,.1f} hours of wall time on {gpus} GPUs.",
+              "Estimates: see `kelix/plan.py` for the FLOP and memory model."]
+    return "\n".join(lines)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from kelix.config_cli import config_from_args
+
+    cfg = config_from_args(args)
+    parts, stages = plan(cfg, args.gpus, args.peak_tflops, args.mfu)
+    print(format_plan(cfg, parts, stages, args.gpus, args.peak_tflops, args.mfu))
+    return 0
+
+
+def register(sub) -> None:
+    from kelix.config_cli import add_config_args
+
+    p = sub.add_parser("plan", help="count parameters, FLOPs, memory and GPU-hours per stage (no memory used)")
+    add_config_args(p)
+    p.add_argument("--gpus", type=int, default=64, help="GPUs in the cluster (default 64)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100 SXM: 989)")
+    p.add_argument("--mfu", type=float, default=0.4, help="expected model FLOPs utilisation (default 0.4)")
+    p.set_defaults(func=_cmd)

@@ -1,0 +1,36 @@
+"""`kelix plan`: the paper preset builds on the meta device; counts match real models at tiny size."""
+from __future__ import annotations
+
+import torch
+
+from kelix.config import load_config
+from kelix.plan import build_parts, format_plan, plan
+
+
+def test_paper_preset_on_meta_device():
+    cfg = load_config("paper")
+    parts, stages = plan(cfg, gpus=64, peak_tflops=989.0, mfu=0.4)
+    llm = parts["llm"].params
+    # Qwen3-8B (8.19 B) plus 8 x 8192 visual rows in the input and output tables of width 4096.
+    assert 8.5e9 < llm < 9.0e9
+    assert parts["block_decoder"].params < 20e6  # 1 layer, width 512
+    assert [s.stage for s in stages][:3] == ["tokenizer-1", "tokenizer-2", "tokenizer-3"]
+    assert all(s.gpu_hours > 0 and s.memory_gb > 0 for s in stages)
+    # stage 2 trains the ViT too, so it costs more per step than stage 1
+    assert stages[1].flops_per_step > stages[0].flops_per_step
+    text = format_plan(cfg, parts, stages, 64, 989.0, 0.4)
+    assert "GPU-hours" in text and "llm-2" in text
+
+
+def test_meta_counts_equal_real_tiny_models():
+    from kelix.llm.model import KelixLLM
+    from kelix.tokenizer.model import KelixTokenizer
+
+    cfg = load_config("tiny")
+    parts = build_parts(cfg)
+    tokenizer = KelixTokenizer(cfg.tokenizer, load_pretrained=False)
+    assert parts["tokenizer"].params == sum(p.numel() for p in tokenizer.parameters())
+    t = cfg.tokenizer
+    llm = KelixLLM.from_config(cfg.llm, t.num_codebooks, t.codebook_size, t.text_vocab_size,
+                               torch.randn(t.num_codebooks, t.codebook_size, t.code_dim), t.num_positions)
+    assert parts["llm"].params == sum(p.numel() for p in llm.parameters())
