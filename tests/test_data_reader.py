@@ -1,0 +1,83 @@
+"""Readers: record streams, the map-style and streaming datasets, collate, and the cached image tensor."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from kelix.data.format import MANIFEST, QUARANTINE, DatasetError
+from kelix.data.reader import ImageTextDataset, ShapesStreamingDataset, collate, iter_records, load_images
+from kelix.data.shapes import generate_shapes
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    return generate_shapes(tmp_path_factory.mktemp("reader") / "shapes", num_train=40, num_val=10, num_test=10)
+
+
+def test_iter_records_filters_splits_and_skips_quarantine(ds, tmp_path):
+    assert len(list(iter_records(ds))) == 60
+    assert {r["split"] for r in iter_records(ds, "val")} == {"val"} and len(list(iter_records(ds, "val"))) == 10
+    with pytest.raises(DatasetError, match="split"):
+        list(iter_records(ds, "dev"))
+    with pytest.raises(DatasetError, match="manifest.jsonl is missing"):
+        list(iter_records(tmp_path))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / MANIFEST).write_text((ds / MANIFEST).read_text())
+    (copy / QUARANTINE).write_text(json.dumps({"key": "train-000003", "reason": "test"}) + "\n")
+    assert "train-000003" not in {r["key"] for r in iter_records(copy, "train")}
+    assert len(list(iter_records(copy))) == 59
+
+
+def test_map_dataset_items_and_collate(ds):
+    data = ImageTextDataset(ds, "train")
+    assert len(data) == 40
+    item = data[0]
+    assert set(item) == {"key", "image", "caption", "qa", "prompt", "objects", "split"}
+    img = item["image"]
+    assert img.dtype == torch.float32 and img.shape == (3, 64, 64)
+    assert 0.0 <= img.min() and img.max() <= 1.0 and img.max() > 0.5
+    assert item["caption"] and item["qa"] and item["objects"] and item["split"] == "train"
+    small = ImageTextDataset(ds, "test", image_size=32)
+    assert small[0]["image"].shape == (3, 32, 32)
+    batch = next(iter(DataLoader(data, batch_size=8, collate_fn=collate)))
+    assert batch["image"].shape == (8, 3, 64, 64)
+    assert isinstance(batch["caption"], list) and len(batch["qa"]) == 8 and len(batch["key"]) == 8
+    with pytest.raises(ValueError):
+        collate([])
+
+
+def test_streaming_dataset_shards_without_overlap(ds):
+    keys = [r["key"] for r in iter_records(ds, "train")]
+    parts = [[it["key"] for it in ShapesStreamingDataset(ds, "train", rank=r, world_size=3)] for r in range(3)]
+    assert sorted(sum(parts, [])) == sorted(keys) and all(parts)
+    loader = DataLoader(ShapesStreamingDataset(ds, "val", rank=0, world_size=1), batch_size=4, num_workers=2,
+                        collate_fn=collate)
+    seen = [k for b in loader for k in b["key"]]
+    assert sorted(seen) == sorted(r["key"] for r in iter_records(ds, "val"))
+
+
+def test_load_images_matches_dataset_and_caches(ds):
+    keys, images = load_images(ds, "train")
+    assert images.dtype == torch.uint8 and images.shape == (40, 3, 64, 64)
+    data = ImageTextDataset(ds, "train")
+    assert keys == [r["key"] for r in data.records]
+    assert torch.equal(images[5].float() / 255.0, data[5]["image"])
+    cache = ds.with_name(ds.name + ".cache")
+    assert len(list(cache.glob("train-*.npy"))) == 1
+    keys2, images2 = load_images(ds, "train")
+    assert keys2 == keys and torch.equal(images2, images)
+    # A changed manifest (e.g. validation quarantined a record) must not be served from the old cache.
+    lines = (ds / MANIFEST).read_text().splitlines(keepends=True)
+    (ds / MANIFEST).write_text("".join(lines[1:]))
+    try:
+        keys3, images3 = load_images(ds, "train")
+        assert keys3 == keys[1:] and torch.equal(images3, images[1:])
+        assert len(list(cache.glob("train-*.npy"))) == 1
+    finally:
+        (ds / MANIFEST).write_text("".join(lines))
+    _, resized = load_images(ds, "val", image_size=32)
+    assert resized.shape == (10, 3, 32, 32)
