@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -77,3 +78,74 @@ class ArtifactStore:
         for path in sorted(local.rglob("*")):
             if path.is_file() and path.name != STATUS_FILE and "checkpoints" not in path.relative_to(local).parts:
                 self.fs.put_file(str(path), f"{self._remote_path(stage, key)}/{path.relative_to(local).as_posix()}")
+
+    # ---- additions for the orchestrator and the pods it starts (flows/, kelix/runners/) ----
+
+    def read_text(self, stage: str, key: str, relpath: str) -> str | None:
+        """One small output file's text, read straight from the store (no pull); None if absent."""
+        if self.remote:
+            path = f"{self._remote_path(stage, key)}/{relpath}"
+            return self.fs.cat_file(path).decode() if self.fs.exists(path) else None
+        path = self.local_dir(stage, key) / relpath
+        return path.read_text() if path.exists() else None
+
+    def exists(self, stage: str, key: str, relpath: str) -> bool:
+        """Whether one output file is in the store (no pull)."""
+        if self.remote:
+            return bool(self.fs.exists(f"{self._remote_path(stage, key)}/{relpath}"))
+        return (self.local_dir(stage, key) / relpath).exists()
+
+    def publish(self, stage: str, key: str, src: str | os.PathLike, **info: Any) -> None:
+        """Upload a finished local folder as `<stage>/<key>` and mark it SUCCESS (e.g. a dataset for pods).
+
+        Skipped when the store already holds it; the marker goes last, as with `push`.
+        """
+        if self.is_done(stage, key):
+            return
+        src = Path(src)
+        if self.remote:
+            for path in sorted(src.rglob("*")):
+                if path.is_file() and path.name != STATUS_FILE:
+                    self.fs.put_file(str(path), f"{self._remote_path(stage, key)}/{path.relative_to(src).as_posix()}")
+        elif src.resolve() != self.local_dir(stage, key):
+            import shutil
+
+            shutil.copytree(src, self.local_dir(stage, key), dirs_exist_ok=True)
+        self.mark(stage, key, SUCCESS, **info)
+
+    def url(self, stage: str, key: str, relpath: str, expires: int = 7 * 24 * 3600) -> str:
+        """A link a person can open: a presigned https URL for S3 when the backend can sign, else the path."""
+        if self.remote:
+            path = f"{self._remote_path(stage, key)}/{relpath}"
+            try:
+                return self.fs.sign(path, expiration=expires)
+            except (NotImplementedError, AttributeError, TypeError):
+                return f"{self.uri}/{stage}/{key}/{relpath}"
+        return (self.local_dir(stage, key) / relpath).as_uri()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kelix.artifacts pull URI STAGE KEY [--cache DIR]`: fetch outputs, print the local folder.
+
+    Pods use it to fetch the dataset the orchestrator published before the stage starts.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m kelix.artifacts")
+    sub = parser.add_subparsers(dest="command", required=True)
+    pull = sub.add_parser("pull", help="fetch <STAGE>/<KEY> from the store and print its local folder")
+    pull.add_argument("uri")
+    pull.add_argument("stage")
+    pull.add_argument("key")
+    pull.add_argument("--cache", default=None, help="local mirror folder (default: KELIX_CACHE)")
+    args = parser.parse_args(argv)
+    store = ArtifactStore(args.uri, cache_dir=args.cache)
+    if not store.is_done(args.stage, args.key):
+        print(f"error: {args.stage}/{args.key} is not finished in {store.uri}", file=sys.stderr)
+        return 1
+    print(store.pull(args.stage, args.key))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -278,8 +278,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     data_dir = args.data or cfg.data.root
     _join_torchrun(cfg)
+    from kelix.tracking import stage_run_from_env
+
     try:
-        result = run_stage(args.name, cfg, data_dir, args.artifacts, force=args.force)
+        # A child process or pod logs into the MLflow run its orchestrator opened (MLFLOW_RUN_ID).
+        with stage_run_from_env():
+            result = run_stage(args.name, cfg, data_dir, args.artifacts, force=args.force)
     except (KeyError, StageInputMissing, FileNotFoundError) as exc:
         raise UserError(str(exc).strip('"')) from exc
     state = "skipped (already done)" if result.skipped else f"done in {result.seconds:.1f}s"

@@ -1,0 +1,98 @@
+"""The release phase: register the evaluated bundle, gate it, promote it to `champion` if it passes.
+
+Registration is idempotent per eval stage key: a rerun with nothing changed finds the version registered
+from the same eval outputs (tag `lineage.eval_key`) and reuses it instead of piling up identical versions.
+The gate and the promotion are the registry's (`kelix.registry`); a failed gate leaves the aliases as they
+were and says which metric failed by how much, in the flow log and the `kelix-release` artifact.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from typing import Any
+
+import flows  # noqa: F401  - environment defaults before Prefect is imported
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import Context, RunSettings
+from flows.report import publish_release
+from kelix.tracking import git_sha
+
+
+def registered_version(ctx: Context, eval_key: str) -> str | None:
+    """The version already registered from this eval stage key, if any."""
+    from kelix.registry.store import configure
+    from mlflow.exceptions import MlflowException
+
+    client = configure()
+    name = ctx.cfg.eval.model_name
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    found = [mv for mv in versions if mv.tags.get("lineage.eval_key") == eval_key]
+    return str(max(int(mv.version) for mv in found)) if found else None
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register(ctx: Context, parent_run_id: str | None) -> tuple[str, bool]:
+    """Register the eval stage's bundle (or reuse the version registered from it); returns (version, new)."""
+    import mlflow
+
+    from kelix.registry import register_bundle
+
+    log = get_run_logger()
+    key = ctx.keys["eval"]
+    if not ctx.store.is_done("eval", key):
+        raise RuntimeError(f"the eval stage has not finished for key {key} in {ctx.store.uri}: "
+                           "run the evaluate flow (or `kelix pipeline run`) first")
+    existing = registered_version(ctx, key)
+    if existing:
+        log.info("bundle of eval %s is already registered as %s v%s", key, ctx.cfg.eval.model_name, existing)
+        return existing, False
+    out_dir = ctx.store.pull("eval", key)
+    metrics = dict((ctx.store.status("eval", key) or {}).get("metrics") or {})
+    lineage = {"pipeline_run_id": parent_run_id or "", "stage_keys": json.dumps(ctx.keys, sort_keys=True),
+               "eval_key": key, "data_version": ctx.data_version,
+               "data_fingerprint": ctx.lineage_tags()["kelix.data_fingerprint"], "git_sha": git_sha(),
+               "runner": ctx.runner.kind, "artifacts": ctx.artifacts}
+    # Inside the pipeline's run, the registry logs the model as its child (same experiment, same lineage).
+    scope = mlflow.start_run(run_id=parent_run_id) if parent_run_id else nullcontext()
+    with scope:
+        version = register_bundle(out_dir / "bundle", ctx.cfg, metrics, lineage)
+    log.info("registered %s v%s (alias challenger)", ctx.cfg.eval.model_name, version)
+    return version, True
+
+
+@task(name="gate-and-promote", cache_policy=NO_CACHE)
+def gate_and_promote(ctx: Context, version: str, reason: str, force: bool) -> dict[str, Any]:
+    from kelix.registry import gate, promote as registry_promote, status
+
+    log = get_run_logger()
+    decision = gate(version, ctx.cfg)
+    if decision.passed or force:
+        result = registry_promote(version, ctx.cfg, reason=reason, force=force)
+        promotion = result.message
+    else:
+        promotion = "not promoted: " + decision.summary()
+    (log.info if decision.passed else log.warning)("gate: %s", decision.summary())
+    log.info("promotion: %s", promotion)
+    aliases = {alias: meta["version"] for alias, meta in (status(ctx.cfg).get("aliases") or {}).items()}
+    return {"gate_passed": decision.passed, "gate_failures": list(decision.failures), "promotion": promotion,
+            "aliases": aliases}
+
+
+@flow(name="promote")
+def promote(settings: RunSettings = RunSettings(), version: str | None = None, reason: str = "",
+            force: bool = False) -> dict[str, Any]:
+    """Register the evaluated bundle (unless `version` names one), gate it and promote it if it passes."""
+    ctx = Context(settings)
+    registered_now = False
+    if version is None:
+        version, registered_now = register(ctx, settings.parent_run_id)
+    reason = reason or f"pipeline release (data {ctx.data_version}, code {git_sha()[:12]})"
+    outcome = gate_and_promote(ctx, str(version), reason, force)
+    release = {"model": ctx.cfg.eval.model_name, "version": str(version), "registered_now": registered_now, **outcome}
+    publish_release(release)
+    return release

@@ -1,0 +1,390 @@
+"""The Kubernetes runner: one training stage = one Job (an Indexed Job across nodes), followed to the end.
+
+It publishes the dataset into the artifact store (once per content fingerprint) so any pod can fetch it,
+starts the Job built by `manifests.py` (or attaches to the one a previous orchestrator left running), polls
+it, streams its pods' logs into the flow's log, and turns the ways a Job ends into errors a person can act
+on: OOMKilled, an image that cannot be pulled, a missing Secret, a deadline, and eviction or preemption,
+which raise `TransientStageError` so the flow's retry reruns the stage and it resumes from its checkpoint
+on the shared volume. Stage outputs stay in the (remote) artifact store; nothing large is downloaded here.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from kelix.runners import manifests
+from kelix.runners.base import (ImagePullError, StageConfigError, StageDeadlineExceeded, StageFailed, StageOOMKilled,
+                                TransientStageError, check_inputs, finished_result, is_transient, marker_error,
+                                params_yaml, skipped_result, stage_logger)
+
+if TYPE_CHECKING:
+    from kelix.config import KelixConfig
+    from kelix.stages import StageResult
+    from kelix.tracking import StageRun
+
+IMAGE_PULL_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
+CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError"}
+DISRUPTION_REASONS = {"Evicted", "Preempting", "PreemptionByScheduler", "EvictionByEvictionAPI",
+                      "DeletionByTaintManager", "TerminationByKubelet", "DeletionByPodGC", "NodeLost", "Shutdown"}
+
+
+class KubernetesRunner:
+    kind = "kubernetes"
+
+    def __init__(
+        self,
+        api_client: Any = None,
+        *,
+        namespace: str | None = None,
+        options: manifests.JobOptions | None = None,
+        poll_interval: float = 5.0,
+        image_pull_grace: float = 120.0,
+        pod_data_dir: str | None = None,
+        pod_tracking_uri: str | None = None,
+        timeout: float | None = None,
+        tail_lines: int = 40,
+    ):
+        self._api = api_client
+        self.namespace = namespace
+        self.options = options or manifests.JobOptions()
+        self.poll_interval = poll_interval
+        # ErrImagePull is sometimes a registry blip; fail only if the pod is still stuck after this long.
+        self.image_pull_grace = image_pull_grace
+        # None: publish the dataset to the artifact store and pull it in the pod; else a path inside the pod.
+        self.pod_data_dir = pod_data_dir
+        # The MLflow URL as seen from inside the cluster, when it differs from the orchestrator's.
+        self.pod_tracking_uri = pod_tracking_uri
+        self.timeout = timeout
+        self.tail_lines = tail_lines
+
+    # ---- clients ----
+
+    @property
+    def api(self) -> Any:
+        if self._api is None:
+            from kubernetes import client, config
+
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            self._api = client.ApiClient()
+        return self._api
+
+    @property
+    def batch(self) -> Any:
+        from kubernetes import client
+
+        return client.BatchV1Api(self.api)
+
+    @property
+    def core(self) -> Any:
+        from kubernetes import client
+
+        return client.CoreV1Api(self.api)
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """An API call retried a few times on transient trouble (a restarting API server must not fail a stage)."""
+        for attempt in range(5):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - filtered by is_transient
+                if attempt == 4 or not is_transient(exc):
+                    raise
+                time.sleep(min(self.poll_interval, 1.0) * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _json(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        """GET as a plain camelCase dict (None on 404), independent of the client's model classes."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            resp = self._call(fn, *args, _preload_content=False, **kwargs)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return json.loads(resp.data)
+
+    # ---- the stage ----
+
+    def manifests(self, name: str, cfg: "KelixConfig", key: str, artifacts: str, *, data_key: str | None,
+                  force: bool = False, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """The objects this runner creates for a stage: the Job, and the rendezvous Service across nodes."""
+        from kelix.stages import stage_resources
+
+        resources = stage_resources(cfg, name)
+        namespace = self.namespace or cfg.runtime.namespace
+        job = manifests.stage_job(
+            name, key, namespace=namespace, image=cfg.runtime.image, preset=cfg.preset,
+            params_yaml=params_yaml(cfg), artifacts=artifacts, resources=resources,
+            node_selector=cfg.runtime.node_selector, tolerations=cfg.runtime.tolerations, env=env or {},
+            options=self.options, data_dir=self.pod_data_dir, data_key=data_key, force=force)
+        objs = [job]
+        if resources.num_nodes > 1:
+            objs.append(manifests.rendezvous_service(name, key, namespace=namespace))
+        return objs
+
+    def run(self, name: str, cfg: "KelixConfig", data_dir: str | Path, artifacts: str, *, force: bool = False,
+            tracking: "StageRun | None" = None) -> "StageResult":
+        from kelix.artifacts import ArtifactStore
+        from kelix.stages import data_fingerprint, stage_keys
+
+        store = ArtifactStore(artifacts)
+        if not store.remote:
+            raise StageConfigError(
+                f"the kubernetes runner needs an artifact store pods can reach (s3://...), not {artifacts!r}: "
+                "pass --artifacts s3://bucket/prefix or set runtime.artifacts", stage=name)
+        fingerprint = data_fingerprint(data_dir)
+        keys = stage_keys(cfg, fingerprint, [name])
+        key = keys[name]
+        if not force and store.is_done(name, key):
+            return skipped_result(store, name, key)
+        check_inputs(name, store, keys)
+        log = stage_logger()
+        if self.pod_data_dir is None and not store.is_done(manifests.DATA_STAGE, fingerprint):
+            log.info("%s: publishing dataset %s (%s) to %s for the pods", name, fingerprint, data_dir, store.uri)
+            store.publish(manifests.DATA_STAGE, fingerprint, data_dir, source=str(Path(data_dir).resolve()))
+        env = tracking.env(remote=True) if tracking else {}
+        if tracking and self.pod_tracking_uri:
+            env = {**tracking.env(), "MLFLOW_TRACKING_URI": self.pod_tracking_uri}
+        objs = self.manifests(name, cfg, key, artifacts, data_key=fingerprint, force=force, env=env)
+        job = objs[0]
+        jname, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+        t0 = time.perf_counter()
+        self._start(objs, force=force, log=log)
+        self._wait(name, key, jname, namespace, store, log)
+        return finished_result(store, name, key, time.perf_counter() - t0)
+
+    def _start(self, objs: list[dict[str, Any]], *, force: bool, log: Any) -> None:
+        job = objs[0]
+        jname, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+        existing = self._json(self.batch.read_namespaced_job, jname, namespace)
+        if existing is not None:
+            if job_state(existing) is None and not force:
+                # A previous orchestrator started it and is gone: follow it instead of starting over.
+                log.info("attaching to running job %s/%s", namespace, jname)
+                return
+            log.info("replacing finished job %s/%s", namespace, jname)
+            self._delete_job(jname, namespace, wait=True)
+        created = self._call(self.batch.create_namespaced_job, namespace, job, _preload_content=False)
+        uid = (json.loads(created.data).get("metadata") or {}).get("uid")
+        for obj in objs[1:]:
+            if uid:
+                obj["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": jname,
+                                                       "uid": uid, "controller": False, "blockOwnerDeletion": False}]
+            self._call(self.core.create_namespaced_service, namespace, obj)
+        resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+        log.info("started job %s/%s (image %s, %s node(s), limits %s)", namespace, jname,
+                 job["spec"]["template"]["spec"]["containers"][0]["image"], job["spec"].get("completions", 1),
+                 resources["limits"])
+
+    def _delete_job(self, jname: str, namespace: str, wait: bool = False) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            # Foreground: the Job disappears only after its pods and the owned Service, so a new Job of the
+            # same name never meets the old one's leftovers.
+            self._call(self.batch.delete_namespaced_job, jname, namespace, propagation_policy="Foreground")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        while wait and self._json(self.batch.read_namespaced_job, jname, namespace) is not None:
+            time.sleep(self.poll_interval)
+
+    def _pods(self, jname: str, namespace: str) -> list[dict[str, Any]]:
+        listing = self._json(self.core.list_namespaced_pod, namespace,
+                             label_selector=f"{manifests.LABEL_JOB}={jname}") or {}
+        # Filter again: the selector is the server's job, but a lax server (or test double) may ignore it.
+        pods = [p for p in listing.get("items", [])
+                if (p.get("metadata", {}).get("labels") or {}).get(manifests.LABEL_JOB) == jname]
+        return sorted(pods, key=lambda p: p["metadata"]["name"])
+
+    def _wait(self, name: str, key: str, jname: str, namespace: str, store: Any, log: Any) -> None:
+        followers: dict[str, _LogFollower] = {}
+        stuck_since: dict[str, float] = {}
+        warned: set[str] = set()
+        start = time.monotonic()
+        try:
+            while True:
+                job = self._json(self.batch.read_namespaced_job, jname, namespace)
+                if job is None:
+                    raise TransientStageError(f"job {namespace}/{jname} of stage {name} disappeared while running",
+                                              stage=name)
+                pods = self._pods(jname, namespace)
+                for pod in pods:
+                    self._inspect_pod(name, jname, namespace, pod, followers, stuck_since, warned, log)
+                state = job_state(job)
+                if state == "Complete":
+                    _drain(followers)
+                    log.info("job %s/%s completed", namespace, jname)
+                    return
+                if state == "Failed":
+                    _drain(followers)
+                    raise self._failure(name, key, job, pods, followers, store)
+                if self.timeout and time.monotonic() - start > self.timeout:
+                    self._delete_job(jname, namespace)
+                    raise StageDeadlineExceeded(
+                        f"stage {name}: job {namespace}/{jname} did not finish within {self.timeout:.0f}s; deleted it",
+                        stage=name, logs=_tails(followers))
+                time.sleep(self.poll_interval)
+        finally:
+            for f in followers.values():
+                f.stop()
+
+    def _inspect_pod(self, name: str, jname: str, namespace: str, pod: dict[str, Any],
+                     followers: dict[str, "_LogFollower"], stuck_since: dict[str, float], warned: set[str],
+                     log: Any) -> None:
+        pname = pod["metadata"]["name"]
+        status = pod.get("status") or {}
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and pname not in warned:
+                warned.add(pname)
+                log.warning("%s: pod %s is not scheduled yet: %s", name, pname, cond.get("message") or cond.get("reason"))
+        if status.get("phase") == "Failed" and _disrupted(pod) and f"{pname}/disrupted" not in warned:
+            warned.add(f"{pname}/disrupted")
+            log.warning("%s: pod %s was evicted or preempted (%s); the stage resumes from its last checkpoint",
+                        name, pname, status.get("message") or status.get("reason"))
+        for cs in status.get("containerStatuses") or []:
+            state = cs.get("state") or {}
+            waiting = state.get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason in IMAGE_PULL_REASONS | CONFIG_REASONS:
+                since = stuck_since.setdefault(f"{pname}/{reason}", time.monotonic())
+                if time.monotonic() - since >= self.image_pull_grace:
+                    self._delete_job(jname, namespace)
+                    detail = waiting.get("message") or reason
+                    if reason in IMAGE_PULL_REASONS:
+                        raise ImagePullError(
+                            f"stage {name}: pod {pname} cannot pull image {cs.get('image')!r} ({reason}: {detail}); "
+                            "check runtime.image and the registry credentials. Deleted job "
+                            f"{namespace}/{jname}.", stage=name)
+                    raise StageConfigError(
+                        f"stage {name}: pod {pname} cannot start its container ({reason}: {detail}); a Secret or "
+                        f"ConfigMap it reads is probably missing (infra/k8s/secrets.template.yaml). Deleted job "
+                        f"{namespace}/{jname}.", stage=name)
+            elif (state.get("running") or state.get("terminated")) and pname not in followers:
+                followers[pname] = _LogFollower(self.core, pname, namespace, log, f"{name}/{pname}", self.tail_lines)
+                followers[pname].start()
+
+    def _failure(self, name: str, key: str, job: dict[str, Any], pods: list[dict[str, Any]],
+                 followers: dict[str, "_LogFollower"], store: Any) -> Exception:
+        """The clearest error for a failed Job, and whether retrying it makes sense (by its type)."""
+        cond = next((c for c in (job.get("status") or {}).get("conditions") or []
+                     if c.get("type") == "Failed" and c.get("status") == "True"), {})
+        jname = job["metadata"]["name"]
+        where = f"stage {name}: job {job['metadata'].get('namespace')}/{jname} failed"
+        logs = _tails(followers)
+        tail = f"\n--- last log lines ---\n{logs}" if logs else ""
+        if cond.get("reason") == "DeadlineExceeded":
+            return StageDeadlineExceeded(f"{where}: it ran past activeDeadlineSeconds ({cond.get('message', '')})",
+                                         stage=name, logs=logs)
+        terminated = [t for pod in pods for t in _terminations(pod)]
+        for t in terminated:
+            if t.get("reason") == "OOMKilled":
+                limit = job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"].get("memory")
+                return StageOOMKilled(
+                    f"{where}: the container was OOMKilled at its memory limit {limit}; raise "
+                    f"runtime.resources.{name}.memory (e.g. --set 'runtime.resources={{\"{name}\": {{\"memory\": "
+                    f"\"64Gi\"}}}}') or lower the stage's batch size{tail}", stage=name, logs=logs)
+        if any(_disrupted(pod) for pod in pods):
+            return TransientStageError(f"{where}: its pod was evicted or preempted; a rerun resumes from the last "
+                                       f"checkpoint{tail}", stage=name, logs=logs)
+        codes = sorted({t.get("exitCode") for t in terminated if t.get("exitCode") is not None})
+        if 2 in codes:
+            return StageConfigError(f"{where}: the stage rejected its arguments or config (exit code 2){tail}",
+                                    stage=name, logs=logs)
+        error, transient = marker_error(store, name, key)
+        if transient:
+            return TransientStageError(f"{where}: {error}{tail}", stage=name, logs=logs)
+        if set(codes) & {137, 143}:
+            return TransientStageError(f"{where}: the container was killed (exit codes {codes}), e.g. by a node "
+                                       f"shutdown; a rerun resumes from the last checkpoint{tail}", stage=name, logs=logs)
+        reason = f"{cond.get('reason', 'Failed')}: {cond.get('message', '')}".strip(": ")
+        return StageFailed(f"{where} ({reason}; exit codes {codes or 'unknown'}){': ' + error if error else ''}{tail}",
+                           stage=name, logs=logs)
+
+
+def job_state(job: dict[str, Any]) -> str | None:
+    """"Complete", "Failed" or None (still running) from a Job's status."""
+    status = job.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") in ("Complete", "SuccessCriteriaMet"):
+            return "Complete"
+        if cond.get("type") == "Failed":
+            return "Failed"
+    completions = (job.get("spec") or {}).get("completions") or 1
+    if (status.get("succeeded") or 0) >= completions:
+        return "Complete"
+    return None
+
+
+def _terminations(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+            if state.get("terminated"):
+                out.append(state["terminated"])
+    return out
+
+
+def _disrupted(pod: dict[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    if status.get("reason") in DISRUPTION_REASONS:
+        return True
+    return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+               for c in status.get("conditions") or [])
+
+
+def _drain(followers: dict[str, "_LogFollower"]) -> None:
+    for f in followers.values():
+        f.join(timeout=10)
+
+
+def _tails(followers: dict[str, "_LogFollower"]) -> str:
+    return "\n".join(f"[{name}] {line}" for name, f in followers.items() for line in f.tail)
+
+
+class _LogFollower(threading.Thread):
+    """Streams one pod's log into the flow's logger (follow=True until the container ends)."""
+
+    def __init__(self, core: Any, pod: str, namespace: str, log: Any, prefix: str, tail_lines: int):
+        super().__init__(name=f"logs-{pod}", daemon=True)
+        self.core, self.pod, self.namespace, self.log, self.prefix = core, pod, namespace, log, prefix
+        self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self._resp: Any = None
+
+    def run(self) -> None:
+        try:
+            self._resp = self.core.read_namespaced_pod_log(self.pod, self.namespace, container=manifests.CONTAINER,
+                                                           follow=True, _preload_content=False)
+            buf = b""
+            for chunk in self._resp.stream(4096):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    self._emit(line)
+            if buf:
+                self._emit(buf)
+        except Exception as exc:  # noqa: BLE001 - a lost log stream must not fail the stage
+            if self._resp is not False:
+                self.log.warning("[%s] log stream ended: %s", self.prefix, exc)
+
+    def _emit(self, raw: bytes) -> None:
+        line = raw.decode(errors="replace").rstrip("\r")
+        self.tail.append(line)
+        self.log.info("[%s] %s", self.prefix, line)
+
+    def stop(self) -> None:
+        resp, self._resp = self._resp, False
+        if resp:
+            try:
+                resp.close()
+            except Exception:  # noqa: BLE001
+                pass

@@ -1,0 +1,272 @@
+"""The Prefect pipeline's mechanics on Prefect's ephemeral API, with a stand-in stage catalogue.
+
+The catalogue keeps the real stage names, sections and inputs (so keys, skipping and downstream reruns are
+the real ones) but points every entry at `fake_stage` below, which behaves like a training stage: it logs
+metrics, writes a checkpoint before it can fail and resumes from it, saves a model; the eval stand-in
+builds a real (untrained) bundle, so registration, the gate and promotion run for real against MLflow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+import kelix.stages as stages
+from kelix.config import ConfigError
+
+STATE: dict = {"calls": [], "fail": {}, "resumed": []}
+EVAL_METRICS = {"vqa_accuracy": 0.9, "geneval_overall": 0.8, "recon_detector_agreement": 0.9}
+
+
+def fake_stage(ctx) -> dict[str, float]:
+    STATE["calls"].append(ctx.name)
+    ckpt = ctx.out_dir / "checkpoints"
+    resumed = ckpt.exists() and any(ckpt.iterdir())
+    if resumed:
+        STATE["resumed"].append(ctx.name)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "step_0000002").write_text("2")
+    for step in range(3):
+        ctx.logger.log({"loss": 1.0 / (step + 1)}, step=step)
+    pending = STATE["fail"].get(ctx.name)
+    if pending:
+        raise pending.pop(0)
+    for dep, path in ctx.inputs.items():
+        assert (path / "model" / "weights.txt").exists(), f"{ctx.name} got no model from {dep}"
+    model = ctx.out_dir / "model"
+    model.mkdir(exist_ok=True)
+    (model / "weights.txt").write_text(json.dumps({"stage": ctx.name, "key": ctx.key}))
+    if ctx.name == "eval":
+        from PIL import Image
+
+        from kelix.bundle import init_bundle
+
+        init_bundle(ctx.out_dir / "bundle", ctx.cfg)
+        (ctx.out_dir / "eval.md").write_text("# Kelix evaluation\n\n| metric | value |\n|---|---|\n")
+        Image.new("RGB", (32, 16), (200, 40, 40)).save(ctx.out_dir / "grid.png")
+        return dict(EVAL_METRICS)
+    return {"loss": 0.25, "resumed": float(resumed)}
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def catalogue(monkeypatch):
+    fake = {name: dataclasses.replace(stage, entry=f"{__name__}:fake_stage") for name, stage in stages.STAGES.items()}
+    monkeypatch.setattr(stages, "STAGES", fake)
+    STATE.update(calls=[], fail={}, resumed=[])
+    return fake
+
+
+@pytest.fixture(scope="module")
+def shapes_dataset(tmp_path_factory):
+    from kelix.data.config import DataConfig
+    from kelix.data.shapes import generate
+
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    return generate(root, DataConfig(num_train=256, num_val=64, num_test=64))
+
+
+@pytest.fixture
+def workspace(tmp_path, shapes_dataset, monkeypatch):
+    """A fresh artifact store and MLflow store; the session's tiny dataset copied (validation may edit it)."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dataset, data)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "mlartifacts"))
+    monkeypatch.setenv("KELIX_CACHE", str(tmp_path / "cache"))
+    return {"data": str(data), "artifacts": str(tmp_path / "artifacts"), "root": tmp_path}
+
+
+# Small evaluation sizes: they travel with the registered bundle, which the champion check evaluates for real.
+OVERRIDES = ["data.num_train=256", "data.num_val=64", "data.num_test=64", "eval.num_vqa=4",
+             "eval.num_generation_prompts=2", "eval.num_reconstructions=2", "eval.num_tokenizer_images=4",
+             "eval.sample_steps=2"]
+
+
+def _run(workspace, **kw):
+    from flows.pipeline import kelix_pipeline
+
+    args = dict(data=workspace["data"], artifacts=workspace["artifacts"], retry_delay=0, progress=False,
+                overrides=OVERRIDES)
+    args["overrides"] = args["overrides"] + kw.pop("overrides", [])
+    args.update(kw)
+    return kelix_pipeline(**args)
+
+
+def _artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return sorted(found, key=lambda a: a.created)[-1] if found else None
+
+
+def test_pipeline_runs_everything_then_skips_then_reruns_only_downstream(prefect_api, catalogue, workspace):
+    from mlflow import MlflowClient
+
+    from flows.report import summary_text
+
+    # 1. First run: every stage runs, in catalogue order; the model is registered, gated and promoted.
+    first = _run(workspace)
+    assert STATE["calls"] == list(stages.STAGES)
+    assert all(not r["skipped"] for r in first["stages"].values())
+    assert first["release"]["version"] == "1" and first["release"]["gate_passed"]
+    assert first["release"]["aliases"]["champion"] == "1"
+    text = summary_text(first)
+    assert "11 ran, 0 skipped" in text and "kelix v1 - gate passed" in text
+    assert first["mlflow_run_id"] in text and "flow-run/" in text
+
+    client = MlflowClient()
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.data.tags["kelix.pipeline"] == "true" and parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    stage_runs = {r.data.tags["kelix.stage"]: r for r in children if "kelix.stage" in r.data.tags}
+    assert set(stage_runs) == set(stages.STAGES)
+    llm2 = stage_runs["llm-2"]
+    assert llm2.data.tags["kelix.stage_key"] == first["stages"]["llm-2"]["key"]
+    assert llm2.data.tags["kelix.git_sha"] and llm2.data.tags["kelix.data_version"]
+    # The in-process stage's MetricLogger logged its steps into the stage's own run.
+    history = client.get_metric_history(llm2.info.run_id, "loss")
+    assert [m.step for m in history] == [0, 1, 2]
+
+    # The artifacts a person looks at exist.
+    assert "Kelix evaluation" in _artifact("kelix-eval-report").data
+    metrics_table = json.loads(_artifact("kelix-eval-metrics").data)
+    assert {row["metric"] for row in metrics_table} == set(EVAL_METRICS)
+    assert "grid.png" in _artifact("kelix-samples").data
+    assert len(json.loads(_artifact("kelix-stages").data)) == len(stages.STAGES)
+    assert "PASSED" in _artifact("kelix-data-validation").data
+
+    # 2. Nothing changed: every stage is skipped, nothing new is registered, and it is quick.
+    STATE["calls"].clear()
+    t0 = time.perf_counter()
+    second = _run(workspace)
+    assert time.perf_counter() - t0 < 60
+    assert STATE["calls"] == []
+    assert all(r["skipped"] for r in second["stages"].values())
+    assert second["release"]["version"] == "1" and not second["release"]["registered_now"]
+    assert "unchanged since" in _artifact("kelix-data-validation").description
+    skipped_run = client.search_runs([parent.info.experiment_id],
+                                     filter_string=f"tags.`mlflow.parentRunId` = '{second['mlflow_run_id']}' "
+                                                   "and tags.`kelix.stage` = 'llm-2'")[0]
+    assert skipped_run.data.tags["kelix.skipped"] == "true"
+    assert skipped_run.data.tags["kelix.source_run_id"] == llm2.info.run_id
+
+    # 3. A DiT training setting changed: only the DiT stages it feeds and evaluation rerun.
+    STATE["calls"].clear()
+    third = _run(workspace, overrides=["dit.train1.lr=0.0005"])
+    assert STATE["calls"] == ["dit-1", "dit-2", "eval"]
+    assert third["stages"]["aedit"]["skipped"] and third["stages"]["llm-4"]["skipped"]
+    assert third["release"]["version"] == "2" and third["release"]["aliases"]["champion"] == "2"
+    assert third["release"]["aliases"]["previous-champion"] == "1"
+
+    # 4. The nightly check scores the champion for real: the untrained bundle is far below the metrics the
+    # stand-in eval registered, so the run fails and says which metrics dropped.
+    from flows.common import RunSettings
+    from flows.evaluate import ChampionRegressed, evaluate
+
+    settings = RunSettings(data=workspace["data"], artifacts=workspace["artifacts"], overrides=OVERRIDES)
+    with pytest.raises(ChampionRegressed, match="vqa_accuracy"):
+        evaluate(settings, model="models:/kelix@champion")
+    assert "REGRESSED" in _artifact("kelix-model-check").data
+    checked = evaluate(settings, model="models:/kelix@champion", fail_on_regression=False)  # reuses the scores
+    assert checked["version"] == "2" and checked["regressions"]
+
+
+def test_transient_failure_is_retried_and_resumes_from_its_checkpoint(prefect_api, catalogue, workspace):
+    STATE["fail"]["tokenizer-2"] = [ConnectionError("S3 went away")]
+    result = _run(workspace, release=False)
+    assert STATE["calls"].count("tokenizer-2") == 2
+    assert "tokenizer-2" in STATE["resumed"]
+    assert result["stages"]["tokenizer-2"]["metrics"]["resumed"] == 1.0
+
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(result["stages"]["tokenizer-2"]["mlflow_run_id"])
+    assert run.data.tags["kelix.attempts"] == "2" and run.info.status == "FINISHED"
+
+
+def test_bad_config_in_a_stage_fails_fast_without_retry(prefect_api, catalogue, workspace):
+    STATE["fail"]["llm-1"] = [ConfigError("llm.hidden_size must divide by heads"), ConfigError("again")]
+    with pytest.raises(ConfigError, match="hidden_size"):
+        _run(workspace, release=False, retries=3)
+    assert STATE["calls"].count("llm-1") == 1
+    assert "llm-2" not in STATE["calls"]
+
+
+def test_dataset_failing_validation_stops_before_training(prefect_api, catalogue, workspace):
+    from flows.data import DataValidationFailed
+
+    images = sorted((Path(workspace["data"]) / "images").rglob("*.png"))[:20]
+    for path in images:
+        path.write_bytes(b"not a png")
+    with pytest.raises(DataValidationFailed):
+        _run(workspace)
+    assert STATE["calls"] == []
+    assert "FAILED" in _artifact("kelix-data-validation").data
+
+
+def test_missing_dataset_is_generated(prefect_api, catalogue, workspace, tmp_path):
+    from flows.common import RunSettings
+    from flows.data import validate_data
+
+    target = tmp_path / "fresh" / "shapes"
+    checked = validate_data(RunSettings(data=str(target), artifacts=str(tmp_path / "artifacts"), overrides=[
+        "data.num_train=40", "data.num_val=10", "data.num_test=10"]))
+    assert checked["action"] == "generated" and checked["passed"]
+    assert (target / "manifest.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_missing_dvc_tracked_dataset_is_pulled(prefect_api, tmp_path, monkeypatch):
+    import subprocess
+
+    import flows.data
+    from flows.common import RunSettings
+    from flows.data import validate_data
+    from kelix.data.config import DataConfig
+    from kelix.data.shapes import generate
+    from kelix.data.versioning import run_dvc, snapshot
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    small = DataConfig(num_train=24, num_val=4, num_test=4)
+    generate(repo / "data" / "shapes", small)
+    run_dvc(["init", "-q"], repo)
+    run_dvc(["remote", "add", "-d", "local", str(tmp_path / "remote")], repo)
+    md5 = snapshot(repo / "data" / "shapes", small)
+    shutil.rmtree(repo / "data" / "shapes")
+    monkeypatch.setattr(flows.data, "repo_root", lambda: repo)  # the checkout whose data.dvc tracks the set
+
+    checked = validate_data(RunSettings(data=str(repo / "data" / "shapes"), artifacts=str(tmp_path / "artifacts"),
+                                        overrides=["data.num_train=24", "data.num_val=4", "data.num_test=4"]))
+    assert checked["action"] == "dvc pull" and checked["passed"]
+    assert (repo / "data" / "shapes" / "manifest.jsonl").exists() and md5.endswith(".dir")
+
+
+def test_cli_rejects_a_bad_override_before_starting(capsys):
+    from kelix.cli import main
+
+    assert main(["pipeline", "run", "--set", "dit.no_such_field=1"]) == 2
+    assert "no_such_field" in capsys.readouterr().err
+
+
+def test_cli_refuses_the_kubernetes_runner_with_a_local_store(capsys, tmp_path):
+    from kelix.cli import main
+
+    assert main(["pipeline", "run", "--runner", "kubernetes", "--artifacts", str(tmp_path)]) == 2
+    assert "s3://" in capsys.readouterr().err

@@ -1,0 +1,403 @@
+"""The Kubernetes runner against kmock's in-memory Kubernetes API over HTTP, with S3 from moto.
+
+kmock runs no controllers, so `Cluster` below plays the Job controller and the kubelet: it waits for the
+Job the runner creates, does what the pod would do (pull the published dataset, resolve the config from the
+params in the pod's environment, run the stage against S3), creates pods with the statuses a real cluster
+reports (Completed, OOMKilled, ImagePullBackOff, Evicted...) and sets the Job's conditions.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import kelix.stages as stages
+from kelix.artifacts import ArtifactStore
+from kelix.config import load_config
+from kelix.runners import (ImagePullError, StageConfigError, StageDeadlineExceeded, StageOOMKilled,
+                           TransientStageError, is_transient)
+from kelix.runners.kubernetes import KubernetesRunner
+from kelix.runners.manifests import DATA_STAGE, LABEL_JOB, PARAMS_ENV
+
+BUCKET = "kelix-test"
+TOY: dict = {"crash": False}
+
+
+def toy_stage(ctx) -> dict[str, float]:
+    ckpt = ctx.out_dir / "checkpoints"
+    resumed = ckpt.exists() and any(ckpt.iterdir())
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "step_0000001").write_text("1")
+    ctx.logger.log({"loss": 0.5}, step=1)
+    if TOY["crash"]:
+        raise ConnectionError("node went away")
+    (ctx.out_dir / "model").mkdir(exist_ok=True)
+    return {"loss": 0.5, "resumed": float(resumed), "images": float(len(list((ctx.data_dir / "images").rglob("*"))))}
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def kube():
+    """kmock's KubernetesEmulator served on loopback from its own event loop thread.
+
+    One per test: the emulator keeps every request and matches each new one against that history, so a
+    long-lived one slows down as polling requests pile up.
+    """
+    import kmock
+    import kubernetes
+
+    logs: dict[str, str] = {}
+    state: dict = {}
+    ready = threading.Event()
+
+    def serve() -> None:
+        async def main() -> None:
+            state["stop"] = asyncio.Event()
+            async with kmock.KubernetesEmulator() as emu, kmock.Server(emu) as srv:
+                # Declared, so listing them before the first object exists is an empty list, as on a cluster.
+                for resource in ("batch/v1/jobs", "v1/pods", "v1/services"):
+                    emu.resources[resource] = {}
+                # The emulator stores objects but has no kubelet: pod logs come from this dict.
+                emu["get", kmock.resource("v1/pods"), kmock.subresource("log")] << (
+                    lambda req: logs.get(req.name, "").encode())
+                state.update(url=str(srv.url).rstrip("/"), loop=asyncio.get_running_loop())
+                ready.set()
+                await state["stop"].wait()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(30), "kmock did not start"
+    conf = kubernetes.client.Configuration()
+    conf.host = state["url"]
+    yield {"api": kubernetes.client.ApiClient(conf), "logs": logs}
+    state["loop"].call_soon_threadsafe(state["stop"].set)
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached client may point at another test's endpoint
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def env(kube, s3, tmp_path, monkeypatch):
+    monkeypatch.setattr(stages, "STAGES", {n: dataclasses.replace(s, entry=f"{__name__}:toy_stage")
+                                           for n, s in stages.STAGES.items()})
+    monkeypatch.setenv("KELIX_CACHE", str(tmp_path / "shared-volume"))  # the orchestrator's and pods' mirror
+    TOY["crash"] = False
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "manifest.jsonl").write_text('{"key": "a"}\n')
+    (data / "images" / "a.png").write_bytes(b"\x89PNG fake")
+    namespace = f"ns-{uuid.uuid4().hex[:8]}"
+    return {"namespace": namespace, "data": data, "artifacts": f"s3://{BUCKET}/{namespace}",
+            "cluster": Cluster(kube, namespace, tmp_path), "cfg": load_config("tiny")}
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def runner_log():
+    handler, logger = _Lines(), logging.getLogger("kelix.runners")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+# ---------------------------------------------------------------------------------------------- the cluster
+
+
+class Cluster:
+    """Plays the Job controller and the kubelet for the Jobs the runner creates."""
+
+    def __init__(self, kube: dict, namespace: str, tmp: Path):
+        from kubernetes import client
+
+        self.batch, self.core = client.BatchV1Api(kube["api"]), client.CoreV1Api(kube["api"])
+        self.logs, self.namespace, self.tmp = kube["logs"], namespace, tmp
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def job(self, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = json.loads(self.batch.list_namespaced_job(self.namespace, _preload_content=False).data)["items"]
+            live = [j for j in jobs if not (j.get("status") or {}).get("conditions")]
+            if live:
+                return live[-1]
+            time.sleep(0.1)
+        raise AssertionError("the runner created no job")
+
+    def pod(self, job: dict, suffix: str, status: dict, log: str = "") -> str:
+        name = f"{job['metadata']['name']}-{suffix}"
+        labels = job["spec"]["template"]["metadata"]["labels"]
+        self.core.create_namespaced_pod(self.namespace, {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": self.namespace, "labels": labels},
+            "spec": job["spec"]["template"]["spec"], "status": status})
+        self.logs[name] = log
+        return name
+
+    def conclude(self, job: dict, ok: bool, reason: str = "", message: str = "") -> None:
+        cond = {"type": "Complete" if ok else "Failed", "status": "True", "reason": reason, "message": message}
+        status = {"conditions": [cond], **({"succeeded": 1} if ok else {"failed": 1})}
+        self.batch.patch_namespaced_job_status(job["metadata"]["name"], self.namespace, {"status": status})
+
+    def act_as_pod(self, job: dict) -> dict[str, float]:
+        """What the container does: fetch the published dataset, resolve the config from its env, run the stage."""
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        script = container["command"][2]
+        artifacts = script.split("--artifacts ")[1].split()[0]
+        data_key = script.split(f" {DATA_STAGE} ")[1].split()[0]
+        data_dir = ArtifactStore(artifacts, cache_dir=self.tmp / "pod-scratch").pull(DATA_STAGE, data_key)
+        params = Path(tempfile.mkdtemp(dir=self.tmp)) / "params.yaml"
+        params.write_text(env[PARAMS_ENV])
+        cfg = load_config(None, params)
+        try:
+            return stages.run_stage(env["KELIX_STAGE"], cfg, data_dir, artifacts, progress=False).metrics
+        except ConnectionError:
+            return {}
+
+    def play(self, scenario) -> None:
+        def target() -> None:
+            try:
+                scenario(self)
+            except BaseException as exc:  # noqa: BLE001 - surfaced by join(); the runner then times out
+                self.error = exc
+                logging.getLogger(__name__).exception("cluster scenario failed")
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        assert self.thread is not None
+        self.thread.join(30)
+        if self.error:
+            raise self.error
+
+
+def _terminated(reason: str, code: int) -> dict:
+    return {"phase": "Succeeded" if code == 0 else "Failed",
+            "containerStatuses": [{"name": "stage", "image": "x", "ready": False, "restartCount": 0, "imageID": "",
+                                   "state": {"terminated": {"reason": reason, "exitCode": code}}}]}
+
+
+def _runner(env, **kw) -> KubernetesRunner:
+    kw.setdefault("poll_interval", 0.2)
+    kw.setdefault("timeout", 90)  # a broken scenario fails the test instead of hanging it
+    return KubernetesRunner(env["cluster"].batch.api_client, namespace=env["namespace"], **kw)
+
+
+def _run(env, runner=None, stage="tokenizer-1", cfg=None):
+    return (runner or _runner(env)).run(stage, cfg or env["cfg"], env["data"], env["artifacts"])
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_stage_job_runs_streams_logs_and_is_skipped_after(env, runner_log):
+    def scenario(c: Cluster) -> None:
+        job = c.job()
+        c.act_as_pod(job)
+        c.pod(job, "x7k2p", _terminated("Completed", 0), log="step 1/2 loss=0.9\nstep 2/2 loss=0.5\n")
+        c.conclude(job, ok=True)
+
+    env["cluster"].play(scenario)
+    result = _run(env)
+    env["cluster"].join()
+    assert not result.skipped and result.metrics["loss"] == 0.5 and result.metrics["images"] == 1.0
+    job_name = f"kelix-tokenizer-1-{result.key[:10]}"
+    assert f"[tokenizer-1/{job_name}-x7k2p] step 2/2 loss=0.5" in runner_log
+    store = ArtifactStore(env["artifacts"])
+    assert store.is_done("tokenizer-1", result.key)
+    # Finished for this key: no second job, whatever the cluster would do.
+    again = _run(env)
+    assert again.skipped and again.metrics["loss"] == 0.5
+
+
+def test_oom_killed_is_a_clear_permanent_error(env):
+    def scenario(c: Cluster) -> None:
+        job = c.job()
+        c.pod(job, "a1", _terminated("OOMKilled", 137), log="allocating activations\n")
+        c.conclude(job, ok=False, reason="BackoffLimitExceeded", message="Job has reached the specified backoff limit")
+
+    env["cluster"].play(scenario)
+    with pytest.raises(StageOOMKilled, match=r"OOMKilled at its memory limit 8Gi.*runtime.resources.tokenizer-1.memory") as info:
+        _run(env)
+    env["cluster"].join()
+    assert not is_transient(info.value)
+    assert "allocating activations" in str(info.value)
+
+
+def test_image_that_cannot_be_pulled_fails_fast_and_deletes_the_job(env):
+    from kubernetes.client.exceptions import ApiException
+
+    seen: dict = {}
+
+    def scenario(c: Cluster) -> None:
+        job = seen["job"] = c.job()
+        c.pod(job, "b2", {"phase": "Pending", "containerStatuses": [{
+            "name": "stage", "image": "ghcr.io/kelix-platform/kelix:nope", "ready": False, "restartCount": 0, "imageID": "",
+            "state": {"waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "kelix:nope"'}}}]})
+
+    env["cluster"].play(scenario)
+    with pytest.raises(ImagePullError, match="cannot pull image.*ImagePullBackOff") as info:
+        _run(env, _runner(env, image_pull_grace=0))
+    env["cluster"].join()
+    assert not is_transient(info.value)
+    with pytest.raises(ApiException) as gone:
+        env["cluster"].batch.read_namespaced_job(seen["job"]["metadata"]["name"], env["namespace"])
+    assert gone.value.status == 404
+
+
+def test_missing_secret_is_reported_as_a_config_error(env):
+    def scenario(c: Cluster) -> None:
+        job = c.job()
+        c.pod(job, "c3", {"phase": "Pending", "containerStatuses": [{
+            "name": "stage", "image": "x", "ready": False, "restartCount": 0, "imageID": "",
+            "state": {"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "kelix-s3" not found'}}}]})
+
+    env["cluster"].play(scenario)
+    with pytest.raises(StageConfigError, match='secret "kelix-s3" not found'):
+        _run(env, _runner(env, image_pull_grace=0))
+    env["cluster"].join()
+
+
+def test_deadline_exceeded(env):
+    def scenario(c: Cluster) -> None:
+        c.conclude(c.job(), ok=False, reason="DeadlineExceeded", message="Job was active longer than specified deadline")
+
+    env["cluster"].play(scenario)
+    with pytest.raises(StageDeadlineExceeded, match="activeDeadlineSeconds"):
+        _run(env)
+    env["cluster"].join()
+
+
+def test_eviction_is_transient_and_the_rerun_replaces_the_job_and_resumes(env, runner_log):
+    def evicted(c: Cluster) -> None:
+        job = c.job()
+        TOY["crash"] = True
+        c.act_as_pod(job)  # it trained up to a checkpoint on the shared volume, then the node was drained
+        c.pod(job, "d4", {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."})
+        c.conclude(job, ok=False, reason="BackoffLimitExceeded")
+
+    env["cluster"].play(evicted)
+    with pytest.raises(TransientStageError, match="evicted or preempted") as info:
+        _run(env)
+    env["cluster"].join()
+    assert is_transient(info.value)
+    assert any("was evicted or preempted" in line for line in runner_log)
+
+    def recovered(c: Cluster) -> None:
+        job = c.job()
+        TOY["crash"] = False
+        c.act_as_pod(job)
+        c.pod(job, "e5", _terminated("Completed", 0))
+        c.conclude(job, ok=True)
+
+    env["cluster"].play(recovered)
+    result = _run(env)  # what the flow's retry does
+    env["cluster"].join()
+    assert result.metrics["resumed"] == 1.0
+    assert any(line.startswith("replacing finished job") for line in runner_log)
+
+
+def test_multi_node_stage_gets_an_indexed_job_and_a_rendezvous_service(env, runner_log):
+    cfg = load_config("tiny", overrides=['runtime.resources={"tokenizer-1": {"gpus": 2, "num_nodes": 2}}'])
+    seen: dict = {}
+
+    def scenario(c: Cluster) -> None:
+        job = seen["job"] = c.job()
+        name = job["metadata"]["name"]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the runner creates the Service right after the Job
+            services = json.loads(c.core.list_namespaced_service(c.namespace, _preload_content=False).data)["items"]
+            if services:
+                seen["service"] = services[0]
+                break
+            time.sleep(0.1)
+        c.act_as_pod(job)
+        for index in range(2):
+            c.pod(job, str(index), _terminated("Completed", 0), log=f"rank {index}: done\n")
+        c.conclude(job, ok=True)
+        seen["name"] = name
+
+    env["cluster"].play(scenario)
+    result = _run(env, cfg=cfg)
+    env["cluster"].join()
+    assert not result.skipped
+    spec = seen["job"]["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == 2 and spec["parallelism"] == 2
+    assert seen["service"]["metadata"]["name"] == seen["name"]
+    assert seen["service"]["spec"]["selector"] == {LABEL_JOB: seen["name"]}
+    assert "nvidia.com/gpu" in spec["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert any(line.endswith("rank 0: done") for line in runner_log)
+    assert any(line.endswith("rank 1: done") for line in runner_log)
+
+
+def test_attaches_to_a_job_a_previous_orchestrator_left_running(env, runner_log):
+    runner = _runner(env)
+    store = ArtifactStore(env["artifacts"])
+    fingerprint = stages.data_fingerprint(env["data"])
+    key = stages.stage_keys(env["cfg"], fingerprint, ["tokenizer-1"])["tokenizer-1"]
+    store.publish(DATA_STAGE, fingerprint, env["data"])
+    job = runner.manifests("tokenizer-1", env["cfg"], key, env["artifacts"], data_key=fingerprint)[0]
+    env["cluster"].batch.create_namespaced_job(env["namespace"], job)
+
+    def scenario(c: Cluster) -> None:
+        live = c.job()
+        c.act_as_pod(live)
+        c.pod(live, "f6", _terminated("Completed", 0))
+        c.conclude(live, ok=True)
+
+    env["cluster"].play(scenario)
+    result = runner.run("tokenizer-1", env["cfg"], env["data"], env["artifacts"])  # a second create would be a 409
+    env["cluster"].join()
+    assert result.key == key and not result.skipped
+    assert any(line.startswith("attaching to running job") for line in runner_log)
+
+
+def test_a_local_artifact_store_is_refused(env, tmp_path):
+    with pytest.raises(StageConfigError, match="s3://"):
+        _runner(env).run("tokenizer-1", env["cfg"], env["data"], str(tmp_path / "artifacts"))

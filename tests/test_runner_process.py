@@ -1,0 +1,139 @@
+"""The subprocess runner drives the real `python -m kelix.stages run` command line in a child process.
+
+The child is this module run as `python -m tests.test_runner_process run NAME ...`: it swaps the catalogue's
+entries for `toy_stage` (the stage names, sections and inputs stay real, so keys match the parent's) and
+calls `kelix.stages.main` inside `kelix.tracking.stage_run_from_env()`, the way the stage entry point is
+meant to. KELIX_TOY_MODE picks how the toy stage behaves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from kelix.config import load_config
+from kelix.runners import StageConfigError, StageFailed, TransientStageError, is_transient
+from kelix.runners.process import SubprocessRunner
+
+MODULE = "tests.test_runner_process"
+
+
+def toy_stage(ctx) -> dict[str, float]:
+    mode = os.environ.get("KELIX_TOY_MODE", "ok")
+    ckpt = ctx.out_dir / "checkpoints"
+    resumed = ckpt.exists() and any(ckpt.iterdir())
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "step_0000001").write_text("1")
+    print(f"toy {ctx.name} mode={mode} resumed={resumed}", flush=True)
+    for step in range(3):
+        ctx.logger.log({"loss": 1.0 / (step + 1)}, step=step)
+    if mode == "transient":
+        raise ConnectionError("connection reset by the object store")
+    if mode == "bug":
+        raise ValueError("shapes do not match: (3, 4) vs (4, 3)")
+    if mode == "missing":
+        raise FileNotFoundError("no such file: weights.safetensors")
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    (ctx.out_dir / "model").mkdir(exist_ok=True)
+    return {"loss": 0.25, "resumed": float(resumed)}
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "manifest.jsonl").write_text('{"key": "a"}\n')
+    (data / "images" / "a.png").write_bytes(b"png")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the child finds `tests.` from the repo root
+    return {"cfg": load_config("tiny"), "data": data, "artifacts": str(tmp_path / "artifacts")}
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def runner_log():
+    """The runner's log lines (outside a flow it logs to `kelix.runners`; Prefect owns the root handlers)."""
+    handler, logger = _Lines(), logging.getLogger("kelix.runners")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+def _runner(mode: str) -> SubprocessRunner:
+    return SubprocessRunner(module=MODULE, env={"KELIX_TOY_MODE": mode}, timeout=120)
+
+
+def test_stage_runs_in_a_child_logs_into_mlflow_and_is_skipped_after(setup, tmp_path, runner_log):
+    from kelix.tracking import TAG_CHILD_LOGGED, Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = tracker.start_pipeline(setup["cfg"], run_name="test", tags={})
+    run = tracker.stage_run(parent, "tokenizer-1", "k", {})
+    result = _runner("ok").run("tokenizer-1", setup["cfg"], setup["data"], setup["artifacts"], tracking=run)
+    assert not result.skipped and result.metrics == {"loss": 0.25, "resumed": 0.0}
+    assert (result.out_dir / "model").is_dir()
+    assert "[tokenizer-1] toy tokenizer-1 mode=ok resumed=False" in runner_log  # the child's output reached the log
+    # The child reopened the stage's run from the environment and logged every step into it.
+    logged = tracker.client.get_run(run.run_id)
+    assert logged.data.tags[TAG_CHILD_LOGGED] == "true"
+    assert [m.step for m in tracker.client.get_metric_history(run.run_id, "loss")] == [0, 1, 2]
+
+    again = _runner("bug").run("tokenizer-1", setup["cfg"], setup["data"], setup["artifacts"])
+    assert again.skipped and again.metrics["loss"] == 0.25  # finished: not started again, whatever it would do
+
+
+def test_transient_failure_is_retryable_and_the_rerun_resumes(setup):
+    with pytest.raises(TransientStageError, match="ConnectionError") as info:
+        _runner("transient").run("tokenizer-1", setup["cfg"], setup["data"], setup["artifacts"])
+    assert is_transient(info.value)
+    result = _runner("ok").run("tokenizer-1", setup["cfg"], setup["data"], setup["artifacts"])
+    assert result.metrics["resumed"] == 1.0
+
+
+def test_a_bug_fails_permanently_with_the_error_and_log_tail(setup):
+    with pytest.raises(StageFailed, match="ValueError: shapes do not match") as info:
+        _runner("bug").run("tokenizer-1", setup["cfg"], setup["data"], setup["artifacts"])
+    assert not is_transient(info.value)
+    assert "toy tokenizer-1 mode=bug" in info.value.logs
+
+
+def test_rejected_arguments_are_a_config_error(setup):
+    with pytest.raises(StageConfigError, match="exited with code 2") as info:
+        _runner("missing").run("tokenizer-1", setup["cfg"], setup["data"], setup["artifacts"])
+    assert not is_transient(info.value)
+
+
+def test_a_killed_child_is_transient(setup):
+    with pytest.raises(TransientStageError, match="SIGKILL"):
+        _runner("kill").run("tokenizer-1", setup["cfg"], setup["data"], setup["artifacts"])
+
+
+def test_missing_input_fails_before_starting_a_child(setup):
+    from kelix.stages import StageInputMissing
+
+    with pytest.raises(StageInputMissing, match="tokenizer-1"):
+        _runner("ok").run("tokenizer-2", setup["cfg"], setup["data"], setup["artifacts"])
+
+
+if __name__ == "__main__":
+    import kelix.stages as stages
+    from kelix.tracking import stage_run_from_env
+
+    stages.STAGES = {n: dataclasses.replace(s, entry=f"{MODULE}:toy_stage") for n, s in stages.STAGES.items()}
+    with stage_run_from_env():
+        code = stages.main(sys.argv[1:])
+    sys.exit(code)
