@@ -9,6 +9,9 @@ class EvalConfig:
     num_vqa: int = 500
     num_generation_prompts: int = 48
     num_reconstructions: int = 64
+    # Test images whose codes give the per-sub-codebook utilisation and perplexity.
+    num_tokenizer_images: int = 500
+    batch_size: int = 32
     sample_steps: int = 20
     guidance_scale: float = 3.0
     seed: int = 0
@@ -24,5 +27,5 @@ class EvalConfig:
 def eval_preset(preset: str) -> EvalConfig:
     if preset == "tiny":
         return EvalConfig()
-    return EvalConfig(num_vqa=5000, num_generation_prompts=553, num_reconstructions=1000,
+    return EvalConfig(num_vqa=5000, num_generation_prompts=553, num_reconstructions=1000, num_tokenizer_images=5000,
                       thresholds={"vqa_accuracy": 0.7, "geneval_overall": 0.6, "recon_detector_agreement": 0.8})

@@ -1,0 +1,157 @@
+"""The evaluation glue and reports, driven by an oracle model whose every score is known in advance.
+
+The oracle answers with the gold answer, "generates" the test image a prompt was written for and
+reconstructs an image by returning it, so a correct pipeline (selection, batching, detector, metrics,
+reports) must report perfect scores; any slip in pairing outputs with their questions or prompts shows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from kelix.config import load_config
+from kelix.data.config import DataConfig
+from kelix.data.reader import iter_records, open_image
+from kelix.eval.report import markdown
+from kelix.eval.run import evaluate_bundle
+from kelix.eval.samples import generation_prompts, palette_prompts, vqa_questions
+
+P, N, S = 16, 2, 32
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from kelix.data.shapes import generate
+
+    root = tmp_path_factory.mktemp("eval-data") / "shapes"
+    return generate(root, DataConfig(num_train=0, num_val=0, num_test=30))
+
+
+def _digest(image: Image.Image) -> str:
+    return hashlib.sha1(image.convert("RGB").tobytes()).hexdigest()
+
+
+class Oracle:
+    def __init__(self, root, cfg):
+        self.cfg = cfg
+        self.records = {_digest(open_image(root, r)): r for r in iter_records(root, "test")}
+        self.by_prompt = {r["prompt"]: open_image(root, r) for r in reversed(list(iter_records(root, "test")))}
+        self.tokenizer = type("Tok", (), {"codebook_size": S})()
+        self.calls = {"answer": 0, "generate": 0}
+
+    def answer(self, images, questions):
+        self.calls["answer"] += 1
+        out = []
+        for im, q in zip(images, questions):
+            gold = {qa["q"]: qa["a"] for qa in self.records[_digest(im)]["qa"]}
+            out.append(gold[q].upper() + ".")  # normalisation must still count it right
+        return out
+
+    def generate(self, prompts, seed=0):
+        self.calls["generate"] += 1
+        return [self.by_prompt[p] for p in prompts]
+
+    def reconstruct(self, images, seed=0):
+        return [im.copy() for im in images]
+
+    def encode(self, images):
+        # Position p always gets code p of every sub-codebook: P of S codes used, uniformly.
+        return torch.arange(P).repeat(len(images), N, 1).transpose(1, 2).contiguous()
+
+
+def test_oracle_scores_perfectly_and_reports(shapes, tmp_path):
+    cfg = load_config("tiny", overrides=["eval.num_vqa=40", "eval.num_generation_prompts=12",
+                                         "eval.num_reconstructions=6", "eval.num_tokenizer_images=10", "eval.batch_size=5"])
+    oracle = Oracle(shapes, cfg)
+    metrics = evaluate_bundle(oracle, shapes, tmp_path / "out", model_name="oracle", log=lambda _: None)
+    assert metrics["vqa_accuracy"] == 1.0 and metrics["vqa_holdout_accuracy"] == 1.0
+    assert {k for k in metrics if k.startswith("vqa_acc_")} >= {"vqa_acc_colour", "vqa_acc_shape", "vqa_acc_count"}
+    assert metrics["geneval_overall"] == 1.0 and metrics["geneval_strict"] == 1.0
+    assert {f"geneval_{c}" for c in ("single_object", "two_object", "counting", "colours", "position", "colour_attr")} <= set(metrics)
+    assert metrics["recon_psnr"] == pytest.approx(100.0) and metrics["recon_ssim"] == pytest.approx(1.0)
+    assert metrics["recon_detector_agreement"] == 1.0
+    for i in range(N):
+        assert metrics[f"tok_util_{i}"] == P / S and metrics[f"tok_ppl_{i}"] == pytest.approx(P)
+    assert oracle.calls == {"answer": 8, "generate": 3}  # 40 questions and 12 prompts in batches of 5
+
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert report["metrics"] == pytest.approx(metrics)
+    assert report["details"]["vqa"]["n"] == 40 and report["details"]["geneval"]["prompts"] == 12
+    md = (tmp_path / "out" / "eval.md").read_text()
+    assert "| vqa_accuracy | 1.0000 | 0.5000 | yes |" in md
+    assert "| held-out combinations |" in md and "| position |" in md
+    with Image.open(tmp_path / "out" / "grid.png") as grid:
+        assert grid.width == 8 * 132 and grid.height == 3 * (128 + 5 * 12 + 4 + 4)
+
+
+def test_wrong_answers_score_zero(shapes, tmp_path):
+    cfg = load_config("tiny", overrides=["eval.num_vqa=10", "eval.num_generation_prompts=3",
+                                         "eval.num_reconstructions=2", "eval.num_tokenizer_images=2"])
+    oracle = Oracle(shapes, cfg)
+    oracle.answer = lambda images, questions: ["purple banana"] * len(questions)
+    oracle.generate = lambda prompts, seed=0: [Image.new("RGB", (64, 64), (250, 250, 250))] * len(prompts)
+    metrics = evaluate_bundle(oracle, shapes, tmp_path, log=lambda _: None)
+    assert metrics["vqa_accuracy"] == 0.0 and metrics["geneval_overall"] == 0.0
+
+
+def test_sample_selection_is_deterministic_and_balanced(shapes):
+    records = list(iter_records(shapes, "test"))
+    qs = vqa_questions(records, 7)
+    assert len(qs) == 7 and [q.q for q in qs] == [qa["q"] for r in records for qa in r["qa"]][:7]
+    prompts = generation_prompts(records, 9)
+    assert [min(len(p.objects), 3) for p in prompts] == [1, 2, 3] * 3
+    assert prompts == generation_prompts(records, 9)
+    two = [p for p in prompts if len(p.objects) == 2]
+    assert all(p.relation in ("left of", "right of", "above", "below") for p in two)
+    pal = palette_prompts(7)
+    assert len(pal) == 7 and [len(p.objects) for p in pal] == [1, 2, 3, 1, 2, 3, 1] and pal[1].relation == "left of"
+
+
+def test_markdown_marks_failed_thresholds():
+    md = markdown({"vqa_accuracy": 0.4, "tok_util_0": 0.5, "tok_ppl_0": 3.0}, {}, {"vqa_accuracy": 0.5, "geneval_overall": 0.2})
+    assert "| vqa_accuracy | 0.4000 | 0.5000 | no |" in md
+    assert "| geneval_overall | n/a | 0.2000 | no |" in md
+    assert "| 0 | 0.5000 | 3.0000 |" in md
+
+
+def test_eval_stage_and_cli_with_untrained_models(shapes, tmp_path, tmp_path_factory, capsys):
+    """The catalogue's `eval` stage on upstream outputs (untrained parts) run through kelix.stages.run_stage,
+    then `kelix eval` on the bundle it assembled."""
+    import shutil
+
+    from kelix.artifacts import SUCCESS, ArtifactStore
+    from kelix.bundle import PART_STAGES, check_bundle
+    from kelix.cli import main
+    from kelix.stages import data_fingerprint, run_stage, stage_keys
+    from test_bundle_layout import tiny_bundle
+
+    cfg = load_config("tiny", overrides=["eval.num_vqa=20", "eval.num_generation_prompts=3", "eval.num_reconstructions=2",
+                                         "eval.num_tokenizer_images=4", "eval.sample_steps=2"])
+    parts = tiny_bundle(tmp_path_factory.getbasetemp())
+    store = ArtifactStore(tmp_path / "artifacts")
+    keys = stage_keys(cfg, data_fingerprint(shapes))
+    for part, stage in PART_STAGES.items():
+        shutil.copytree(parts / part, store.local_dir(stage, keys[stage]) / "model")
+        store.mark(stage, keys[stage], SUCCESS)
+    shutil.copy(parts / "text_tokenizer.json", store.local_dir("llm-4", keys["llm-4"]) / "text_tokenizer.json")
+
+    result = run_stage("eval", cfg, shapes, str(tmp_path / "artifacts"), progress=False)
+    m = result.metrics
+    for key in ("vqa_accuracy", "vqa_holdout_accuracy", "geneval_overall", "recon_psnr", "recon_ssim",
+                "recon_detector_agreement", "tok_util_0", "tok_ppl_0"):
+        assert key in m and 0.0 <= m[key] <= (100.0 if key == "recon_psnr" else max(1.0, m[key]))
+    assert m["tok_util_0"] <= 1.0 and m["tok_ppl_0"] >= 1.0
+    out = result.out_dir
+    assert check_bundle(out / "bundle")["preset"] == "tiny"
+    assert json.loads((out / "eval.json").read_text())["metrics"] == pytest.approx(m)
+    assert (out / "eval.md").exists() and (out / "grid.png").exists()
+
+    assert main(["eval", str(out / "bundle"), "--data", str(shapes), "--out", str(tmp_path / "cli"), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "vqa_accuracy" in printed and (tmp_path / "cli" / "eval.md").exists()
+    # The same model on the same data with the same seeds gives the same numbers.
+    assert json.loads((tmp_path / "cli" / "eval.json").read_text())["metrics"] == pytest.approx(m)
