@@ -1,34 +1,50 @@
-"""Kelix-Tok settings: vision tower, 2x2 merge, N independent SimVQ sub-codebooks, aux decoder, 3 stages."""
+"""Kelix-Tok settings: vision tower, 2x2 merge, N independent SimVQ sub-codebooks, aux decoder, 3 stages.
+
+The tiny preset is calibrated for 64 px shapes on 2 CPU cores (shared/DESIGN.md section 4): patch 4 so one
+merged position covers 8x8 pixels (objects are 14-22 px wide, so colour and shape of one object land in the
+same few positions), K-means-initialised base codebooks with LayerNorm-ed matching, captions that name
+shape and colour in stage 1 and every question of an image in each step of stages 2-3.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from kelix.train.config import TrainConfig
 
+QUANTIZERS = ("multi", "single", "shared", "continuous")
+
 
 @dataclass
 class TokenizerConfig:
     image_size: int = 64
-    patch_size: int = 8
-    vit_hidden_size: int = 128
-    vit_num_layers: int = 4
+    patch_size: int = 4
+    vit_hidden_size: int = 96
+    vit_num_layers: int = 2
     vit_num_heads: int = 4
-    vit_intermediate_size: int = 512
-    # Local folder with a pretrained SigLIP/SigLIP2 vision tower; empty = random init from this config.
+    vit_intermediate_size: int = 256
+    # Local folder with a pretrained SigLIP vision tower; empty = random init from this config.
     vit_pretrained: str = ""
     merge: int = 2
+    # Hidden width of the adapter MLP between the merged patch and the quantizer (0 = vit_hidden_size).
+    adapter_hidden_size: int = 0
     # "multi" (Kelix-Tok) | "single" | "shared" | "continuous": the report's quantizer ablation.
     quantizer: str = "multi"
     num_codebooks: int = 4
-    codebook_size: int = 256
+    codebook_size: int = 128
     code_dim: int = 32
     # Width of the frozen base codebook (the public code: 4096-d K-means centroids).
     base_dim: int = 64
     beta: float = 0.25
+    # Stages 2-3: learning rate of the adapter (merge + MLP) relative to the stage's lr. Below 1 the features
+    # drift more slowly than the SimVQ projections can follow them, which keeps K-means-placed codes in use
+    # (probe: util fell 0.99 -> 0.72 over stage 2 at 1.0). 1.0 = the report's single adapter rate.
+    adapter_lr_scale: float = 1.0
     # "kmeans" | "random": how the frozen base codebooks start.
     codebook_init: str = "kmeans"
     kmeans_iters: int = 20
     kmeans_max_samples: int = 20000
+    # Training images whose features feed K-means (their positions are subsampled to kmeans_max_samples).
+    kmeans_images: int = 1024
     # "sum" | "mean": how the N up-projected sub-vectors pool into one position (sum won in the report).
     pooling: str = "sum"
     embed_dim: int = 128
@@ -39,10 +55,23 @@ class TokenizerConfig:
     aux_num_kv_heads: int = 2
     aux_intermediate_size: int = 384
     text_vocab_size: int = 512
-    max_text_len: int = 32
-    train1: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=300, batch_size=64, lr=1e-3))
-    train2: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=600, batch_size=64, lr=1e-3, encoder_lr=5e-4))
-    train3: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=200, batch_size=64, lr=3e-4, encoder_lr=1e-4, warmup_steps=0))
+    max_text_len: int = 48
+    max_answer_len: int = 4
+    # Warm-up of the aux decoder (LM + input projection) at the start of stage 1 on captions and QA read through
+    # the frozen K-means-initialised tokenizer (0 steps = none). The report's aux decoder is a pretrained
+    # Qwen3-0.6B that can use a prefix; a random one frozen in stage 1 cannot, so the caption loss can only be
+    # lowered by one constant "soft prompt" and its gradient pulls every image's features onto one code (seen:
+    # util 0.008 after 80 steps, with or without commitment loss: Adam turns that tiny, image-independent
+    # gradient into full-size steps). Stage 1 therefore also runs at the report's adapter rate 2e-4.
+    # Named without the `train` prefix so it is part of every tokenizer stage's key.
+    aux_warmup: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=80, batch_size=32, lr=2e-3, warmup_steps=10))
+    # Validation images used for the returned metrics (0 = the whole val split).
+    eval_images: int = 0
+    # Seed of every random init (ViT, adapter, codebooks, aux decoder) and of K-means.
+    seed: int = 0
+    train1: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=60, batch_size=32, lr=2e-4, warmup_steps=5))
+    train2: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=500, batch_size=32, lr=1e-3, encoder_lr=2e-4, warmup_steps=50))
+    train3: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=120, batch_size=32, lr=3e-4, encoder_lr=5e-5, warmup_steps=0))
 
     @property
     def grid(self) -> int:
@@ -62,7 +91,8 @@ def tokenizer_preset(preset: str) -> TokenizerConfig:
             image_size=224, patch_size=16, vit_hidden_size=768, vit_num_layers=12, vit_num_heads=12,
             vit_intermediate_size=3072, num_codebooks=8, codebook_size=1024, code_dim=64, base_dim=768,
             embed_dim=1024, aux_hidden_size=1024, aux_num_layers=8, aux_num_heads=16, aux_num_kv_heads=8,
-            aux_intermediate_size=3072, text_vocab_size=32000, max_text_len=256,
+            aux_intermediate_size=3072, text_vocab_size=32000, max_text_len=256, kmeans_images=8192,
+            kmeans_max_samples=200_000,
             train1=TrainConfig(num_steps=5000, batch_size=256, precision="bf16"),
             train2=TrainConfig(num_steps=20000, batch_size=256, precision="bf16"),
             train3=TrainConfig(num_steps=5000, batch_size=256, precision="bf16", warmup_steps=0),
@@ -73,7 +103,8 @@ def tokenizer_preset(preset: str) -> TokenizerConfig:
         image_size=504, patch_size=14, vit_hidden_size=1152, vit_num_layers=27, vit_num_heads=16,
         vit_intermediate_size=4304, num_codebooks=8, codebook_size=8192, code_dim=128, base_dim=4096,
         embed_dim=4096, aux_hidden_size=1024, aux_num_layers=28, aux_num_heads=16, aux_num_kv_heads=8,
-        aux_intermediate_size=3072, text_vocab_size=151_669, max_text_len=1024,
+        aux_intermediate_size=3072, text_vocab_size=151_669, max_text_len=1024, kmeans_images=65536,
+        kmeans_max_samples=1_000_000,
         train1=TrainConfig(num_steps=20000, batch_size=1024, precision="bf16", warmup_steps=500),
         train2=TrainConfig(num_steps=100000, batch_size=1024, precision="bf16", warmup_steps=2000),
         train3=TrainConfig(num_steps=10000, batch_size=1024, precision="bf16", warmup_steps=0),
