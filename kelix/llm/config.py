@@ -16,8 +16,9 @@ class LLMConfig:
     intermediate_size: int = 384
     # Local folder with pretrained Qwen3 weights; empty = random init from this config.
     pretrained: str = ""
-    max_blocks: int = 96
-    # "transformer" (the report's Block Decoder) | "parallel" (N independent heads, the ablation).
+    # Longest training sequence in blocks (one per text token, one per image position); longer ones are cut.
+    max_blocks: int = 128
+    # "transformer" (the report's Block Decoder) | "parallel" (N+1 independent heads, the ablation).
     block_decoder: str = "transformer"
     bd_hidden_size: int = 64
     bd_num_layers: int = 1
@@ -25,14 +26,29 @@ class LLMConfig:
     bd_intermediate_size: int = 256
     # "codebook" (rows from the tokenizer's codebooks through a learned projection) | "random" (ablation).
     visual_embed_init: str = "codebook"
+    # Learned embedding of each image block's grid position, added to its block input (block_encoder.py).
+    image_position_embed: bool = True
     # Share of generation examples whose caption is dropped, for classifier-free guidance.
     caption_dropout: float = 0.1
-    # Share of generation sequences in the mixed stages (2-4).
+    # Share of generation sequences in every stage; the rest is understanding (and interleaved in stage 2).
     generation_fraction: float = 0.5
-    train1: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=150, batch_size=32, lr=1e-3))
-    train2: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=600, batch_size=32, lr=1e-3))
-    train3: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=150, batch_size=32, lr=3e-4, warmup_steps=0))
-    train4: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=150, batch_size=32, lr=2e-4, warmup_steps=0))
+    # Share of the understanding sequences of stages 1-3 that caption the image instead of answering questions.
+    caption_fraction: float = 0.3
+    # Share of interleaved image-caption-image-caption sequences in stage 2 (the report's 2.1).
+    interleaved_fraction: float = 0.1
+    # Stage 3's cleanest subset: scenes whose objects stay at least this many token cells apart.
+    anneal_min_gap: float = 0.5
+    # Validation questions each stage answers for its `vqa_accuracy`, and validation records whose
+    # teacher-forced text and code losses it reports.
+    val_questions: int = 300
+    val_records: int = 64
+    # Tiny schedule: ~700 steps of batch 32 (sequences of ~70-120 blocks), sized for <= 10 minutes of the four
+    # stages on 2 CPU cores. Stage 1 is short: with a randomly initialised (frozen) Qwen3 there is little to
+    # align; its job here is to start the Block Decoder, LM head and visual projection before stage 2.
+    train1: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=50, batch_size=32, lr=1e-3))
+    train2: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=450, batch_size=32, lr=1e-3))
+    train3: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=100, batch_size=32, lr=3e-4, warmup_steps=0))
+    train4: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=100, batch_size=32, lr=2e-4, warmup_steps=0))
 
 
 def llm_preset(preset: str) -> LLMConfig:

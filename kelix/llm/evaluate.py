@@ -1,0 +1,65 @@
+"""Validation metrics every LLM stage returns: VQA accuracy (greedy, exact match), teacher-forced text loss
+and image-code loss per sub-codebook on a fixed slice of a split."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from kelix.llm.corpus import Split
+from kelix.llm.inference import answer_codes
+from kelix.llm.loss import nbp_loss
+from kelix.llm.model import KelixLLM
+from kelix.llm.sequences import SequenceBuilder, collate
+from kelix.text import TextTokenizer
+
+
+def normalise(text: str) -> str:
+    return text.strip().strip(".").lower()
+
+
+def questions(split: Split, limit: int) -> list[tuple[int, str, str, str]]:
+    """(record index, question, answer, type) for the first `limit` questions of the split."""
+    out = [(i, qa["q"], qa["a"], qa.get("type", "other")) for i, rec in enumerate(split.records) for qa in rec.get("qa", [])]
+    return out[:limit]
+
+
+@torch.no_grad()
+def vqa_accuracy(llm: KelixLLM, text_tok: TextTokenizer, split: Split, limit: int = 500,
+                 batch_size: int = 64) -> dict[str, float]:
+    """`vqa_accuracy` overall and `vqa_accuracy_<type>` per question type."""
+    llm.eval()
+    items = questions(split, limit)
+    right: dict[str, list[bool]] = defaultdict(list)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start: start + batch_size]
+        codes = split.codes[[i for i, *_ in chunk]]
+        preds = answer_codes(llm, text_tok, codes, [q for _, q, _, _ in chunk])
+        for (_, _, a, kind), pred in zip(chunk, preds):
+            ok = normalise(pred) == normalise(a)
+            right[kind].append(ok)
+            right["all"].append(ok)
+    out = {"vqa_accuracy": sum(right.pop("all", [])) / max(1, len(items))}
+    out.update({f"vqa_accuracy_{k}": sum(v) / len(v) for k, v in sorted(right.items())})
+    return out
+
+
+@torch.no_grad()
+def teacher_forced_losses(llm: KelixLLM, text_tok: TextTokenizer, split: Split, limit: int = 64,
+                          batch_size: int = 32, prefix: str = "val_") -> dict[str, float]:
+    """Mean text loss (answers) and code loss per sub-codebook (prompt -> image) on the first records."""
+    llm.eval()
+    builder = SequenceBuilder(llm.vocab, text_tok)
+    sums: dict[str, float] = defaultdict(float)
+    batches = 0
+    for start in range(0, min(limit, len(split.records)), batch_size):
+        seqs = []
+        for rec, codes in zip(split.records[start: start + batch_size], split.codes[start: start + batch_size]):
+            if rec.get("qa"):
+                seqs.append(builder.understanding(codes, [(x["q"], x["a"]) for x in rec["qa"]]))
+            seqs.append(builder.generation(rec["prompt"], codes))
+        _, metrics = nbp_loss(llm, collate(seqs, llm.vocab).to(llm.device))
+        for k, v in metrics.items():
+            sums[k] += v
+        batches += 1
+    return {f"{prefix}{k}": v / batches for k, v in sums.items()}

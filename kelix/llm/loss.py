@@ -1,0 +1,59 @@
+"""The NBP training loss: the LLM reads blocks, the Block Decoder predicts each target block token by token.
+
+Each slot is scored over the ids it may hold, the same restriction decoding applies: a text slot over the
+text ids and the specials, code i of an image block over sub-codebook i only, <eob> over the whole vocabulary. The
+three terms are averaged separately and summed, so the few answer tokens of understanding are not drowned
+by the P*N codes of a generation example in the same batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kelix.llm.model import KelixLLM
+from kelix.llm.sequences import IMAGE, TEXT, Batch
+
+
+def nbp_loss(llm: KelixLLM, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    v = llm.vocab
+    n = v.num_codebooks
+    table = llm.embedding_table()
+    h = llm.hidden_states(batch.blocks, batch.attention_mask, table=table, image_pos=batch.image_pos)
+    terms: list[torch.Tensor] = []
+    metrics: dict[str, float] = {}
+    eob_logits, eob_count = [], 0
+
+    text = batch.kinds == TEXT
+    if text.any():
+        tgt = batch.targets[text]  # [M, N+1]: token, <eob>, IGNORE...
+        out = llm.block_decoder(h[text], llm.block_encoder.embed(table, tgt[:, :1]))  # [M, 2, H]
+        logits = llm.logits(out[:, 0])
+        # A text slot holds a text id or a special (<boi>, <eoi>, ...), never a code.
+        logits[:, v.visual_start: v.special_start] = float("-inf")
+        terms.append(F.cross_entropy(logits, tgt[:, 0]))
+        metrics["text_loss"] = float(terms[-1].detach())
+        metrics["text_acc"] = float((logits.argmax(-1) == tgt[:, 0]).float().mean())
+        eob_logits.append(out[:, 1])
+
+    image = batch.kinds == IMAGE
+    if image.any():
+        tgt = batch.targets[image]  # [M, N+1]: c_0..c_{N-1}, <eob>
+        out = llm.block_decoder(h[image], llm.block_encoder.embed(table, tgt[:, :n]))  # [M, N+1, H]
+        code_losses = []
+        for i in range(n):
+            start, stop = v.codebook_range(i)
+            logits = llm.logits(out[:, i], start, stop)
+            code_losses.append(F.cross_entropy(logits, tgt[:, i] - start))
+            metrics[f"code_loss_{i}"] = float(code_losses[-1].detach())
+        terms.append(torch.stack(code_losses).mean())
+        metrics["code_loss"] = float(terms[-1].detach())
+        eob_logits.append(out[:, n])
+
+    if not terms:
+        raise ValueError("batch has no target blocks")
+    eob_out = torch.cat(eob_logits)
+    eob = F.cross_entropy(llm.logits(eob_out), torch.full((len(eob_out),), v.eob, device=eob_out.device))
+    metrics["eob_loss"] = float(eob.detach())
+    terms.append(eob)
+    return sum(terms), metrics
+

@@ -1,0 +1,145 @@
+"""Training and prompt sequences in the block format of vocab.py, and their padded batches.
+
+A sequence is a list of segments, each a run of blocks of one kind (text or image) that either is or is not
+a training target. Position t of a batch carries block t as input and, when block t+1 is a target, block
+t+1's tokens plus <eob> as the Block Decoder's targets:
+
+    understanding   loss on the answers (and their <eos>)          -> text loss, VQA
+    captioning      loss on the caption, which names every object's colour, shape and relation: the densest
+                    supervision of binding attributes to objects that the data has
+    generation      loss on the image codes; caption dropped with
+                    probability caption_dropout (CFG's unconditional)  -> image-code loss per sub-codebook
+    interleaved     loss on everything after the first block (image -> caption -> image -> caption)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kelix.llm.vocab import EMPTY, IGNORE, Vocab
+from kelix.text import TextTokenizer
+
+TEXT, IMAGE = 1, 2
+
+
+@dataclass
+class Segment:
+    ids: torch.Tensor  # [n, N] block token ids, EMPTY-filled (a text block uses slot 0)
+    kind: int  # TEXT | IMAGE
+    loss: bool
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Image position of each block (row-major over the tokenizer's grid), -1 for text blocks."""
+        n = len(self.ids)
+        return torch.arange(n) if self.kind == IMAGE else torch.full((n,), -1, dtype=torch.long)
+
+
+@dataclass
+class Batch:
+    blocks: torch.Tensor  # [B, L, N] input block ids
+    attention_mask: torch.Tensor  # [B, L] 1 = real block
+    targets: torch.Tensor  # [B, L, N+1] next block's ids + <eob>, IGNORE where no loss
+    kinds: torch.Tensor  # [B, L] kind of the target block at each position (0 = no target)
+    image_pos: torch.Tensor  # [B, L] image position of each input block, -1 for text and padding
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.blocks, self.attention_mask, self.targets, self.kinds,
+                                               self.image_pos)))
+
+
+class SequenceBuilder:
+    def __init__(self, vocab: Vocab, text_tok: TextTokenizer):
+        self.vocab = vocab
+        self.text_tok = text_tok
+        self._encoded: dict[str, list[int]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        if text not in self._encoded:
+            self._encoded[text] = self.text_tok.encode(text)
+        return self._encoded[text]
+
+    def text(self, ids: list[int], loss: bool = False) -> Segment:
+        block = torch.full((len(ids), self.vocab.num_codebooks), EMPTY, dtype=torch.long)
+        block[:, 0] = torch.tensor(ids, dtype=torch.long)
+        return Segment(block, TEXT, loss)
+
+    def image(self, codes: torch.Tensor, loss: bool = False) -> Segment:
+        return Segment(self.vocab.codes_to_ids(codes), IMAGE, loss)
+
+    # ---- prompts (what inference feeds before decoding) ----
+
+    def understanding_prompt(self, codes: torch.Tensor, question: str) -> list[Segment]:
+        v = self.vocab
+        return [self.text([v.und, v.boi]), self.image(codes), self.text([v.eoi] + self.encode(question))]
+
+    def generation_prompt(self, text: str) -> list[Segment]:
+        """<gen> text <boi>; an empty text is the unconditional prompt of classifier-free guidance."""
+        v = self.vocab
+        return [self.text([v.gen] + (self.encode(text) if text else []) + [v.boi])]
+
+    # ---- training sequences ----
+
+    def understanding(self, codes: torch.Tensor, qa: list[tuple[str, str]]) -> list[Segment]:
+        segs = self.understanding_prompt(codes, qa[0][0])
+        eos = self.text_tok.eos_id
+        for i, (q, a) in enumerate(qa):
+            if i:
+                segs.append(self.text(self.encode(q)))
+            segs.append(self.text(self.encode(a) + [eos], loss=True))
+        return segs
+
+    def captioning(self, codes: torch.Tensor, caption: str) -> list[Segment]:
+        v = self.vocab
+        return [self.text([v.und, v.boi]), self.image(codes), self.text([v.eoi]),
+                self.text(self.encode(caption) + [self.text_tok.eos_id], loss=True)]
+
+    def generation(self, text: str, codes: torch.Tensor) -> list[Segment]:
+        return self.generation_prompt(text) + [self.image(codes, loss=True)]
+
+    def interleaved(self, items: list[tuple[torch.Tensor, str]]) -> list[Segment]:
+        v, eos = self.vocab, self.text_tok.eos_id
+        segs: list[Segment] = []
+        for codes, caption in items:
+            segs += [self.text([v.boi], loss=bool(segs)), self.image(codes, loss=True),
+                     self.text([v.eoi] + self.encode(caption) + [eos], loss=True)]
+        return segs
+
+
+def _flatten(segs: list[Segment], vocab: Vocab) -> tuple[torch.Tensor, ...]:
+    """(ids [L, N], next-block targets [L, N+1], target kinds [L], image positions [L]) of one sequence."""
+    ids = torch.cat([s.ids for s in segs])
+    kinds = torch.cat([torch.full((len(s.ids),), s.kind if s.loss else 0, dtype=torch.long) for s in segs])
+    n = vocab.num_codebooks
+    block_targets = torch.full((len(ids), n + 1), IGNORE, dtype=torch.long)
+    block_targets[:, :n] = ids.masked_fill(ids == EMPTY, IGNORE)
+    # <eob> closes each block, right after its last real token.
+    lengths = (ids != EMPTY).sum(1)
+    block_targets[torch.arange(len(ids)), lengths] = vocab.eob
+    targets = torch.full_like(block_targets, IGNORE)
+    target_kinds = torch.zeros_like(kinds)
+    targets[:-1] = torch.where(kinds[1:, None] > 0, block_targets[1:], IGNORE)
+    target_kinds[:-1] = kinds[1:]
+    return ids, targets, target_kinds, torch.cat([s.positions for s in segs])
+
+
+def collate(sequences: list[list[Segment]], vocab: Vocab, left_pad: bool = False, max_blocks: int | None = None) -> Batch:
+    """Pad sequences to one length: right padding for training, left padding for decoding (so every row's
+    next block goes at the same column). Sequences longer than max_blocks keep their first max_blocks."""
+    flat = [_flatten(s, vocab) for s in sequences]
+    if max_blocks:
+        flat = [tuple(t[:max_blocks] for t in f) for f in flat]
+    length = max(len(f[0]) for f in flat)
+    b, n = len(flat), vocab.num_codebooks
+    blocks = torch.full((b, length, n), EMPTY, dtype=torch.long)
+    blocks[..., 0] = vocab.pad
+    mask = torch.zeros(b, length, dtype=torch.long)
+    targets = torch.full((b, length, n + 1), IGNORE, dtype=torch.long)
+    kinds = torch.zeros(b, length, dtype=torch.long)
+    image_pos = torch.full((b, length), -1, dtype=torch.long)
+    for i, (ids, tgt, kd, pos) in enumerate(flat):
+        cols = slice(length - len(ids), length) if left_pad else slice(0, len(ids))
+        blocks[i, cols], targets[i, cols], kinds[i, cols], image_pos[i, cols] = ids, tgt, kd, pos
+        mask[i, cols] = 1
+    return Batch(blocks, mask, targets, kinds, image_pos)

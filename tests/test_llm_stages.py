@@ -1,0 +1,130 @@
+"""LLM stages: what each stage freezes, exact resume through the shared loop, and the four stages end to end."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kelix.llm.config import LLMConfig
+from kelix.llm.corpus import Mixture, Split
+from kelix.llm.loss import nbp_loss
+from kelix.llm.sequences import SequenceBuilder
+from kelix.llm.stages import set_trainable
+from kelix.llm.toy import toy_llm, toy_text_tokenizer
+from kelix.train.config import TrainConfig
+from kelix.train.loop import train
+
+N, S, P = 4, 32, 4
+
+
+@pytest.fixture(scope="module")
+def text_tok():
+    return toy_text_tokenizer()
+
+
+def _trainable(llm) -> set[str]:
+    return {n for n, p in llm.named_parameters() if p.requires_grad}
+
+
+def test_stage1_trains_only_block_decoder_lm_head_and_visual_projection(text_tok):
+    llm = toy_llm(text_tok, num_codebooks=N, codebook_size=S)
+    set_trainable(llm, 1)
+    names = _trainable(llm)
+    expected = ({"lm.lm_head.weight", "block_encoder.visual_proj", "block_encoder.image_pos"}
+                | {f"block_decoder.{n}" for n, _ in llm.block_decoder.named_parameters()})
+    assert names == expected
+    assert not any(n.startswith("lm.model.") for n in names)  # Qwen3: layers, norms, text embeddings
+
+
+def test_stage2_onward_train_everything_in_one_table(text_tok):
+    llm = toy_llm(text_tok, num_codebooks=N, codebook_size=S)
+    llm.fold_visual_embeddings()
+    for stage in (2, 3, 4):
+        set_trainable(llm, stage)
+        assert _trainable(llm) == {n for n, _ in llm.named_parameters()}
+        assert "lm.model.embed_tokens.weight" in _trainable(llm)
+    with pytest.raises(ValueError, match="folded"):
+        set_trainable(llm, 1)
+
+
+def _records(k: int) -> list[dict]:
+    colours, shapes = ["red", "green", "blue"], ["circle", "star", "square"]
+    return [{"key": f"r{i}", "caption": f"One object: a {colours[i % 3]} {shapes[i % 3]}.",
+             "prompt": f"a {colours[i % 3]} {shapes[i % 3]}",
+             "qa": [{"q": f"What colour is the {shapes[i % 3]}?", "a": colours[i % 3], "type": "colour"},
+                    {"q": "How many objects are there?", "a": "one", "type": "count"}]} for i in range(k)]
+
+
+def _run(tmp_path, text_tok, name: str, crash_at: int | None) -> dict[str, torch.Tensor]:
+    llm = toy_llm(text_tok, num_codebooks=N, codebook_size=S, seed=0)
+    params = set_trainable(llm, 1)
+    split = Split(_records(12), torch.randint(0, S, (12, P, N), generator=torch.Generator().manual_seed(0)))
+    mixture = Mixture(SequenceBuilder(llm.vocab, text_tok), split, batch_size=4, seed=0, understanding=0.3,
+                      generation=0.4, interleaved=0.1, captioning=0.2)
+    cfg = TrainConfig(num_steps=4, batch_size=4, lr=1e-2, warmup_steps=1, checkpoint_every=2, log_every=1)
+
+    def step_fn(model, batch):
+        if crash_at is not None and step_fn.calls == crash_at:
+            raise KeyboardInterrupt("simulated crash")
+        step_fn.calls += 1
+        return nbp_loss(model, batch)
+
+    step_fn.calls = 0
+    run_dir = tmp_path / name
+    if crash_at is not None:
+        with pytest.raises(KeyboardInterrupt):
+            train(llm, [{"params": params}], mixture, step_fn, cfg, run_dir, progress=False)
+        # A fresh process: new model object, same seed, resumes from the step-2 checkpoint.
+        llm = toy_llm(text_tok, num_codebooks=N, codebook_size=S, seed=0)
+        params = set_trainable(llm, 1)
+        step_fn.calls, crash_at = 0, None
+        result = train(llm, [{"params": params}], mixture, step_fn, cfg, run_dir, progress=False)
+        assert result.resumed_from == 2
+    else:
+        train(llm, [{"params": params}], mixture, step_fn, cfg, run_dir, progress=False)
+    return {k: v.detach().clone() for k, v in llm.state_dict().items()}
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path, text_tok):
+    straight = _run(tmp_path, text_tok, "straight", None)
+    resumed = _run(tmp_path, text_tok, "crashed", crash_at=3)
+    initial = toy_llm(text_tok, num_codebooks=N, codebook_size=S, seed=0).state_dict()
+    assert not torch.equal(straight["lm.lm_head.weight"], initial["lm.lm_head.weight"])  # it did train
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_four_stages_end_to_end(tmp_path, tiny_dataset):
+    """llm-1..4 with a random tokenizer on the shared tiny dataset, two steps each: outputs and metrics."""
+    tok_model = pytest.importorskip("kelix.tokenizer.model")
+    from kelix.config import load_config
+    from kelix.llm.inference import generate_codes
+    from kelix.llm.model import KelixLLM
+    from kelix.stages import StageContext
+    from kelix.text import TextTokenizer, dataset_texts, train_text_tokenizer
+    from kelix.data.reader import iter_records
+    from kelix.llm import stages
+
+    cfg = load_config("tiny")
+    small = TrainConfig(num_steps=2, batch_size=4, lr=1e-3, warmup_steps=0, checkpoint_every=2, log_every=1)
+    cfg.llm = dataclasses.replace(cfg.llm, val_questions=8, val_records=4, train1=small, train2=small, train3=small, train4=small)
+    tok_dir = tmp_path / "tokenizer-3"
+    torch.manual_seed(0)
+    tokenizer = tok_model.KelixTokenizer.from_config(cfg.tokenizer)
+    tokenizer.save_pretrained(tok_dir / "model")
+    train_text_tokenizer(dataset_texts(iter_records(tiny_dataset)), cfg.tokenizer.text_vocab_size).save(tok_dir)
+    inputs = {"tokenizer-3": tok_dir}
+    for i, fn in enumerate((stages.align, stages.unify, stages.anneal, stages.sft), start=1):
+        out = tmp_path / f"llm-{i}"
+        ctx = StageContext(name=f"llm-{i}", cfg=cfg, data_dir=tiny_dataset, inputs=dict(inputs), out_dir=out,
+                           device=torch.device("cpu"), progress=False)
+        metrics = fn(ctx)
+        assert metrics["steps"] == 2 and 0.0 <= metrics["vqa_accuracy"] <= 1.0
+        assert {"val_text_loss", "val_code_loss_0", f"val_code_loss_{tokenizer.num_codebooks - 1}"} <= set(metrics)
+        assert (out / "model" / "model.safetensors").exists() and (out / "text_tokenizer.json").exists()
+        inputs[f"llm-{i}"] = out
+    llm = KelixLLM.from_pretrained(tmp_path / "llm-4" / "model")
+    assert llm.block_encoder.folded and llm.num_positions == tokenizer.num_positions
+    codes = generate_codes(llm.eval(), TextTokenizer.load(tmp_path / "llm-4"), ["a red circle"])
+    assert codes.shape == (1, tokenizer.num_positions, tokenizer.num_codebooks)
