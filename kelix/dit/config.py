@@ -20,13 +20,38 @@ class DiTConfig:
     head_dim: int = 32
     cross_attention_dim: int = 128
     mlp_ratio: float = 2.5
+    # Channels of the aligned condition path (the P-grid projected and concatenated to the DiT input; 0 = off,
+    # cross-attention only as in SANA). The conditions are per image cell, so this is a cheap, strong prior.
+    spatial_cond_channels: int = 16
+    # "sincos" | "none": position code of the image tokens (SANA-1.0 uses none; a 2-layer model needs one).
+    pos_embed: str = "sincos"
+    # What the network outputs: "velocity" (SANA) or "sample" (the clean latent, turned into the velocity it
+    # implies; JiT, arXiv 2511.13720: in pixel space the data is low-dimensional but the noise is not, so a
+    # narrow network can predict the image where it cannot carry the noise through). The loss is on the
+    # velocity either way; `min_sigma` bounds the 1/sigma of the conversion.
+    prediction: str = "velocity"
+    min_sigma: float = 0.05
     # "logit_normal" | "uniform": flow-matching timestep sampling.
     timestep_sampling: str = "logit_normal"
+    # Logit-normal sigma = sigmoid(mean + std * N(0,1)); mean > 0 trains more at high noise, where the condition
+    # decides the image (SD3 uses 0, 1; JiT's x-prediction shifts towards noise).
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     sample_steps: int = 20
+    # FlowMatchEulerDiscreteScheduler shift at sampling (SANA uses 3 at 1024 px; >1 spends steps at high noise).
+    sample_shift: float = 1.0
     guidance_scale: float = 3.0
     cond_dropout: float = 0.1
+    # EMA of the weights used for sampling and saved (0 = the last iterate).
+    ema_decay: float = 0.995
+    # AE-DiT sampling guidance (its condition pins the image down; strong guidance only oversaturates).
+    ae_guidance_scale: float = 1.0
     # Share of training images kept for SFT (best quality score first).
     sft_fraction: float = 0.5
+    # Validation images scored (PSNR, detector agreement) at the end of each stage.
+    num_eval_images: int = 32
+    # Log a sample grid to the active MLflow run at the first checkpoint at least this many steps after the last.
+    grid_every: int = 100
     train1: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=300, batch_size=32, lr=1e-3))
     train2: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=100, batch_size=32, lr=3e-4, warmup_steps=0))
     train_ae: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=300, batch_size=32, lr=1e-3))
@@ -38,7 +63,7 @@ def dit_preset(preset: str) -> DiTConfig:
     if preset == "small":
         return DiTConfig(
             latent="dcae", dcae_path="weights/dc-ae-f32c32", image_size=256, output_size=224, patch_size=1,
-            num_layers=12, num_heads=12, head_dim=64, cross_attention_dim=768,
+            num_layers=12, num_heads=12, head_dim=64, cross_attention_dim=768, spatial_cond_channels=0,
             train1=TrainConfig(num_steps=50000, batch_size=128, precision="bf16"),
             train2=TrainConfig(num_steps=5000, batch_size=128, precision="bf16", warmup_steps=0),
             train_ae=TrainConfig(num_steps=50000, batch_size=128, precision="bf16"),
@@ -46,7 +71,7 @@ def dit_preset(preset: str) -> DiTConfig:
     # SANA-1.6B-like: 20 layers, 70 heads x 32; DC-AE f32c32; 512 px latents (16x16) resized to 504 px.
     return DiTConfig(
         latent="dcae", dcae_path="weights/dc-ae-f32c32", image_size=512, output_size=504, patch_size=1,
-        num_layers=20, num_heads=70, head_dim=32, cross_attention_dim=2240,
+        num_layers=20, num_heads=70, head_dim=32, cross_attention_dim=2240, spatial_cond_channels=0,
         train1=TrainConfig(num_steps=200000, batch_size=1024, precision="bf16", warmup_steps=2000),
         train2=TrainConfig(num_steps=10000, batch_size=256, precision="bf16", warmup_steps=0),
         train_ae=TrainConfig(num_steps=100000, batch_size=1024, precision="bf16", warmup_steps=2000),
