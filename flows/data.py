@@ -35,10 +35,23 @@ def ensure_dataset(ctx: Context) -> dict[str, Any]:
         return {"path": str(root), "action": "present"}
     dvc_file = repo_root() / "data.dvc"
     if dvc_md5(root, dvc_file):
-        from kelix.data.versioning import pull
+        from kelix.data.versioning import VersioningError, pull, snapshot
 
         log.info("dataset %s missing: dvc pull %s", root, dvc_file.name)
-        pull(dvc_file)  # raises VersioningError with DVC's own message (e.g. no remote configured)
+        try:
+            pull(dvc_file)
+        except VersioningError as exc:
+            # A fresh clone has data.dvc but an empty local remote. The shapes set is a pure function of its
+            # seed, so regenerate it, then push it so `dvc pull` works from now on; data.dvc keeps its md5
+            # when the bytes are the same, and the lineage records the md5 that was actually used.
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("dvc pull failed (%s): regenerating the dataset from its seed and pushing it", reason)
+            generate_dataset(root, ctx.cfg)
+            try:
+                snapshot(root, ctx.cfg.data)
+            except Exception as push_exc:  # the run can go on without a pushed copy; say so
+                log.warning("could not push the regenerated dataset to the DVC remote: %s", push_exc)
+            return {"path": str(root), "action": "generated (dvc pull failed)"}
         if not _has_dataset(root):
             raise RuntimeError(f"`dvc pull {dvc_file}` finished but {root} still has no manifest.jsonl")
         return {"path": str(root), "action": "dvc pull"}
