@@ -88,6 +88,27 @@ def test_sequences_targets_and_masks(llm, text_tok):
     assert (batch.kinds[1, gen_len:] == 0).all() and (batch.attention_mask[1, gen_len:] == 0).all()
 
 
+def test_question_answer_pairs_never_see_each_other(llm, text_tok):
+    b = SequenceBuilder(llm.vocab, text_tok)
+    codes = torch.randint(0, S, (P, N), generator=torch.Generator().manual_seed(0))
+    second = ("Is there a red star?", "no")
+    both = collate([b.understanding(codes, [("What colour is the circle?", "red"), second])], llm.vocab)
+    other = collate([b.understanding(codes, [("What colour is the circle?", "blue"), second])], llm.vocab)
+    alone = collate([b.understanding(codes, [second])], llm.vocab)
+    n2 = len(text_tok.encode(second[0])) + len(text_tok.encode(second[1])) + 1
+
+    def hidden(batch, groups=True):
+        return llm.hidden_states(batch.blocks, batch.attention_mask, batch.position_ids, image_pos=batch.image_pos,
+                                 groups=batch.groups if groups else None)[0, -n2:]
+
+    # The second pair sees the image, not the first pair, at the positions it would have alone.
+    assert both.position_ids[0, -n2:].tolist() == alone.position_ids[0, -n2:].tolist()
+    assert torch.equal(both.targets[0, -n2:], alone.targets[0, -n2:])
+    torch.testing.assert_close(hidden(both), hidden(alone), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(hidden(both), hidden(other), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(hidden(both, groups=False), hidden(other, groups=False), atol=1e-5)
+
+
 def test_captioning_sequence_targets_the_caption(llm, text_tok):
     b = SequenceBuilder(llm.vocab, text_tok)
     caption = "One object: a red circle."

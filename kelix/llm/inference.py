@@ -28,7 +28,7 @@ class _LLMStepper:
     def __init__(self, llm: KelixLLM, batch: Batch, table: torch.Tensor, use_cache: bool):
         self.llm, self.table, self.use_cache = llm, table, use_cache
         self.blocks, self.mask, self.image_pos = batch.blocks, batch.attention_mask, batch.image_pos
-        self.pos = (self.mask.cumsum(1) - 1).clamp_min(0)
+        self.pos = batch.position_ids
         self.cache = DynamicCache(config=llm.lm.config) if use_cache else None
         self.h = llm.hidden_states(self.blocks, self.mask, self.pos, self.cache, table, self.image_pos)[:, -1]
 
@@ -169,6 +169,5 @@ def image_hidden_states(llm: KelixLLM, text_tok: TextTokenizer, prompts: list[st
     v = llm.vocab
     builder = SequenceBuilder(v, text_tok)
     batch = collate([builder.generation(p, c) for p, c in zip(prompts, codes.cpu())], v, left_pad=True).to(llm.device)
-    pos = (batch.attention_mask.cumsum(1) - 1).clamp_min(0)
-    h = llm.hidden_states(batch.blocks, batch.attention_mask, pos, image_pos=batch.image_pos)
+    h = llm.hidden_states(batch.blocks, batch.attention_mask, batch.position_ids, image_pos=batch.image_pos)
     return h[:, -codes.shape[1]:]

@@ -18,7 +18,8 @@ def nbp_loss(llm: KelixLLM, batch: Batch) -> tuple[torch.Tensor, dict[str, float
     v = llm.vocab
     n = v.num_codebooks
     table = llm.embedding_table()
-    h = llm.hidden_states(batch.blocks, batch.attention_mask, table=table, image_pos=batch.image_pos)
+    h = llm.hidden_states(batch.blocks, batch.attention_mask, batch.position_ids, table=table,
+                          image_pos=batch.image_pos, groups=batch.groups)
     terms: list[torch.Tensor] = []
     metrics: dict[str, float] = {}
     eob_logits, eob_count = [], 0

@@ -42,6 +42,20 @@ def qwen3_config(cfg: LLMConfig, vocab_size: int) -> Qwen3Config:
     )
 
 
+def group_mask(attention_mask: torch.Tensor | None, groups: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, L, L] mask: causal, padding masked, and a block of group k > 0 sees only group 0 and
+    group k (sequences.py: question-answer pairs that share one image prefix but never each other)."""
+    b, length = groups.shape
+    causal = torch.ones(length, length, dtype=torch.bool, device=groups.device).tril()
+    visible = (groups[:, None, :] == 0) | (groups[:, None, :] == groups[:, :, None])
+    keep = causal & visible
+    if attention_mask is not None:
+        keep &= attention_mask.bool()[:, None, :]
+    keep |= torch.eye(length, dtype=torch.bool, device=groups.device)  # no row without a key (padding)
+    return torch.zeros(b, 1, length, length, dtype=dtype, device=groups.device).masked_fill(
+        ~keep[:, None], torch.finfo(dtype).min)
+
+
 class KelixLLM(nn.Module):
     def __init__(self, cfg: LLMConfig, num_codebooks: int, codebook_size: int, text_vocab_size: int,
                  codebook_vectors: torch.Tensor, num_positions: int | None = None,
@@ -136,11 +150,13 @@ class KelixLLM(nn.Module):
 
     def hidden_states(self, blocks: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, cache=None, table: torch.Tensor | None = None,
-                      image_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """blocks [B, L, N] (EMPTY-filled ids), image_pos [B, L] -> Qwen3's last hidden states [B, L, hidden];
-        one step per block."""
+                      image_pos: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """blocks [B, L, N] (EMPTY-filled ids), image_pos [B, L], groups [B, L] (sequences.py)
+        -> Qwen3's last hidden states [B, L, hidden]; one step per block."""
         table = self.embedding_table() if table is None else table
         embeds = self.block_encoder(blocks, table, image_pos)
+        if groups is not None and bool((groups > 0).any()):
+            attention_mask = {"full_attention": group_mask(attention_mask, groups, embeds.dtype)}
         out = self.lm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                             cache=cache, use_cache=cache is not None)
         return out.last_hidden_state

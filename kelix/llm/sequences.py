@@ -4,7 +4,11 @@ A sequence is a list of segments, each a run of blocks of one kind (text or imag
 a training target. Position t of a batch carries block t as input and, when block t+1 is a target, block
 t+1's tokens plus <eob> as the Block Decoder's targets:
 
-    understanding   loss on the answers (and their <eos>)          -> text loss, VQA
+    understanding   loss on the answers (and their <eos>)          -> text loss, VQA. Every question of an
+                    image rides in one sequence, but each question-answer pair is its own attention group:
+                    it sees the image prefix and itself, never another pair (whose answers would let the
+                    model answer from text instead of the image), and its positions restart after the
+                    prefix, so each pair looks exactly like the one-question prompt of inference.
     captioning      loss on the caption, which names every object's colour, shape and relation: the densest
                     supervision of binding attributes to objects that the data has
     generation      loss on the image codes; caption dropped with
@@ -28,6 +32,7 @@ class Segment:
     ids: torch.Tensor  # [n, N] block token ids, EMPTY-filled (a text block uses slot 0)
     kind: int  # TEXT | IMAGE
     loss: bool
+    group: int = 0  # 0: shared prefix, seen by every later block; k > 0: seen only by group k
 
     @property
     def positions(self) -> torch.Tensor:
@@ -43,10 +48,12 @@ class Batch:
     targets: torch.Tensor  # [B, L, N+1] next block's ids + <eob>, IGNORE where no loss
     kinds: torch.Tensor  # [B, L] kind of the target block at each position (0 = no target)
     image_pos: torch.Tensor  # [B, L] image position of each input block, -1 for text and padding
+    groups: torch.Tensor  # [B, L] attention group (0 = shared prefix)
+    position_ids: torch.Tensor  # [B, L] RoPE positions (each group continues from the end of the prefix)
 
     def to(self, device) -> "Batch":
         return Batch(*(t.to(device) for t in (self.blocks, self.attention_mask, self.targets, self.kinds,
-                                               self.image_pos)))
+                                               self.image_pos, self.groups, self.position_ids)))
 
 
 class SequenceBuilder:
@@ -60,19 +67,22 @@ class SequenceBuilder:
             self._encoded[text] = self.text_tok.encode(text)
         return self._encoded[text]
 
-    def text(self, ids: list[int], loss: bool = False) -> Segment:
+    def text(self, ids: list[int], loss: bool = False, group: int = 0) -> Segment:
         block = torch.full((len(ids), self.vocab.num_codebooks), EMPTY, dtype=torch.long)
         block[:, 0] = torch.tensor(ids, dtype=torch.long)
-        return Segment(block, TEXT, loss)
+        return Segment(block, TEXT, loss, group)
 
     def image(self, codes: torch.Tensor, loss: bool = False) -> Segment:
         return Segment(self.vocab.codes_to_ids(codes), IMAGE, loss)
 
     # ---- prompts (what inference feeds before decoding) ----
 
-    def understanding_prompt(self, codes: torch.Tensor, question: str) -> list[Segment]:
+    def image_prefix(self, codes: torch.Tensor) -> list[Segment]:
         v = self.vocab
-        return [self.text([v.und, v.boi]), self.image(codes), self.text([v.eoi] + self.encode(question))]
+        return [self.text([v.und, v.boi]), self.image(codes), self.text([v.eoi])]
+
+    def understanding_prompt(self, codes: torch.Tensor, question: str) -> list[Segment]:
+        return self.image_prefix(codes) + [self.text(self.encode(question))]
 
     def generation_prompt(self, text: str) -> list[Segment]:
         """<gen> text <boi>; an empty text is the unconditional prompt of classifier-free guidance."""
@@ -82,18 +92,14 @@ class SequenceBuilder:
     # ---- training sequences ----
 
     def understanding(self, codes: torch.Tensor, qa: list[tuple[str, str]]) -> list[Segment]:
-        segs = self.understanding_prompt(codes, qa[0][0])
-        eos = self.text_tok.eos_id
-        for i, (q, a) in enumerate(qa):
-            if i:
-                segs.append(self.text(self.encode(q)))
-            segs.append(self.text(self.encode(a) + [eos], loss=True))
+        segs = self.image_prefix(codes)
+        for group, (q, a) in enumerate(qa, start=1):
+            segs += [self.text(self.encode(q), group=group),
+                     self.text(self.encode(a) + [self.text_tok.eos_id], loss=True, group=group)]
         return segs
 
     def captioning(self, codes: torch.Tensor, caption: str) -> list[Segment]:
-        v = self.vocab
-        return [self.text([v.und, v.boi]), self.image(codes), self.text([v.eoi]),
-                self.text(self.encode(caption) + [self.text_tok.eos_id], loss=True)]
+        return self.image_prefix(codes) + [self.text(self.encode(caption) + [self.text_tok.eos_id], loss=True)]
 
     def generation(self, text: str, codes: torch.Tensor) -> list[Segment]:
         return self.generation_prompt(text) + [self.image(codes, loss=True)]
@@ -107,8 +113,23 @@ class SequenceBuilder:
         return segs
 
 
+def _positions(segs: list[Segment]) -> torch.Tensor:
+    """RoPE positions: the prefix counts up; every group continues from the end of the prefix before it."""
+    out, base, used = [], 0, {}
+    for s in segs:
+        n = len(s.ids)
+        start = base if s.group == 0 else base + used.get(s.group, 0)
+        out.append(torch.arange(start, start + n))
+        if s.group == 0:
+            base += n
+        else:
+            used[s.group] = used.get(s.group, 0) + n
+    return torch.cat(out)
+
+
 def _flatten(segs: list[Segment], vocab: Vocab) -> tuple[torch.Tensor, ...]:
-    """(ids [L, N], next-block targets [L, N+1], target kinds [L], image positions [L]) of one sequence."""
+    """(ids [L, N], next-block targets [L, N+1], target kinds [L], image positions [L], groups [L],
+    RoPE positions [L]) of one sequence."""
     ids = torch.cat([s.ids for s in segs])
     kinds = torch.cat([torch.full((len(s.ids),), s.kind if s.loss else 0, dtype=torch.long) for s in segs])
     n = vocab.num_codebooks
@@ -121,7 +142,8 @@ def _flatten(segs: list[Segment], vocab: Vocab) -> tuple[torch.Tensor, ...]:
     target_kinds = torch.zeros_like(kinds)
     targets[:-1] = torch.where(kinds[1:, None] > 0, block_targets[1:], IGNORE)
     target_kinds[:-1] = kinds[1:]
-    return ids, targets, target_kinds, torch.cat([s.positions for s in segs])
+    groups = torch.cat([torch.full((len(s.ids),), s.group, dtype=torch.long) for s in segs])
+    return ids, targets, target_kinds, torch.cat([s.positions for s in segs]), groups, _positions(segs)
 
 
 def collate(sequences: list[list[Segment]], vocab: Vocab, left_pad: bool = False, max_blocks: int | None = None) -> Batch:
@@ -138,8 +160,11 @@ def collate(sequences: list[list[Segment]], vocab: Vocab, left_pad: bool = False
     targets = torch.full((b, length, n + 1), IGNORE, dtype=torch.long)
     kinds = torch.zeros(b, length, dtype=torch.long)
     image_pos = torch.full((b, length), -1, dtype=torch.long)
-    for i, (ids, tgt, kd, pos) in enumerate(flat):
+    groups = torch.zeros(b, length, dtype=torch.long)
+    position_ids = torch.zeros(b, length, dtype=torch.long)
+    for i, (ids, tgt, kd, img, grp, pos) in enumerate(flat):
         cols = slice(length - len(ids), length) if left_pad else slice(0, len(ids))
-        blocks[i, cols], targets[i, cols], kinds[i, cols], image_pos[i, cols] = ids, tgt, kd, pos
+        blocks[i, cols], targets[i, cols], kinds[i, cols], image_pos[i, cols] = ids, tgt, kd, img
+        groups[i, cols], position_ids[i, cols] = grp, pos
         mask[i, cols] = 1
-    return Batch(blocks, mask, targets, kinds, image_pos)
+    return Batch(blocks, mask, targets, kinds, image_pos, groups, position_ids)

@@ -1,11 +1,11 @@
 """The four LLM stages of the Kelix report (catalogue entries llm-1..4 in kelix/stages.py).
 
   llm-1 align    cross-modal alignment: only the Block Decoder, the LM head and the visual embedding
-                 projection train; Qwen3 (its layers and text embeddings) is frozen.
+                 projection (with the image position embedding) train; Qwen3 (layers, text embeddings) is frozen.
   llm-2 unify    the projected visual rows are folded into Qwen3's one embedding table and every parameter
-                 trains on understanding + generation + interleaved sequences.
+                 trains on understanding (VQA, captioning) + generation + interleaved sequences.
   llm-3 anneal   the cleanest subset, the rate decaying from its peak (train3: no warmup, cosine).
-  llm-4 sft      instruction-style data: every VQA answer, prompt -> image.
+  llm-4 sft      instruction-style data: VQA answers, prompt -> image.
 
 The tokenizer is frozen throughout: images are encoded once (corpus.py). Each stage trains with the shared
 loop (checkpoints under out_dir, so a crash resumes), saves `model/` and a copy of `text_tokenizer.json`, and
@@ -33,12 +33,12 @@ TOKENIZER_STAGE = "tokenizer-3"
 def set_trainable(llm: KelixLLM, stage: int) -> list[nn.Parameter]:
     """Freeze what `stage` keeps fixed; returns the parameters it trains."""
     if stage == 1:
-        llm.requires_grad_(False)
-        for part in (llm.block_decoder, llm.lm.lm_head):
-            part.requires_grad_(True)
         if llm.block_encoder.folded:
             raise ValueError("stage 1 trains the visual projection, but this model's visual rows are already folded")
-        llm.block_encoder.requires_grad_(True)  # the visual projection (and image position embedding)
+        llm.requires_grad_(False)
+        # The block encoder holds the visual projection (and the image position embedding, also new).
+        for part in (llm.block_decoder, llm.lm.lm_head, llm.block_encoder):
+            part.requires_grad_(True)
     else:
         llm.requires_grad_(True)
     return [p for p in llm.parameters() if p.requires_grad]
