@@ -155,3 +155,22 @@ def test_kmeans_init_puts_codes_on_features_and_uses_them():
         torch.testing.assert_close(tok.codebook_vectors()[i], normalize(centroids), atol=1e-4, rtol=1e-4)
     after = tok.encode(x)
     assert [len(after[..., i].unique()) for i in range(2)] == [8, 8]  # every code starts with features
+
+
+def test_pretrained_vision_tower_is_loaded_from_a_local_folder(tmp_path):
+    """vit_pretrained: the tower's weights come from the folder (its pooling head is dropped, not used)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(123)
+    tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=32, patch_size=4))
+    tower.save_pretrained(tmp_path / "siglip")
+    tok = KelixTokenizer.from_config(small_cfg(f"tokenizer.vit_pretrained={tmp_path / 'siglip'}"))
+    for name, value in tower.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(tok.encoder.vit.state_dict()[name], value), name
+    assert not any(n.startswith("head.") for n, _ in tok.encoder.vit.named_parameters())
+    # A saved tokenizer carries the tower's weights itself: loading it needs no tower folder.
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "siglip" / "model.safetensors").unlink()
+    assert torch.equal(KelixTokenizer.from_pretrained(tmp_path / "model").encode(images()), tok.encode(images()))

@@ -38,7 +38,7 @@ class TokenizerConfig:
     # Stages 2-3: learning rate of the adapter (merge + MLP) relative to the stage's lr. Below 1 the features
     # drift more slowly than the SimVQ projections can follow them, which keeps K-means-placed codes in use
     # (probe: util fell 0.99 -> 0.72 over stage 2 at 1.0). 1.0 = the report's single adapter rate.
-    adapter_lr_scale: float = 1.0
+    adapter_lr_scale: float = 0.2
     # "kmeans" | "random": how the frozen base codebooks start.
     codebook_init: str = "kmeans"
     kmeans_iters: int = 20
@@ -91,7 +91,7 @@ def tokenizer_preset(preset: str) -> TokenizerConfig:
             image_size=224, patch_size=16, vit_hidden_size=768, vit_num_layers=12, vit_num_heads=12,
             vit_intermediate_size=3072, num_codebooks=8, codebook_size=1024, code_dim=64, base_dim=768,
             embed_dim=1024, aux_hidden_size=1024, aux_num_layers=8, aux_num_heads=16, aux_num_kv_heads=8,
-            aux_intermediate_size=3072, text_vocab_size=32000, max_text_len=256, kmeans_images=8192,
+            aux_intermediate_size=3072, text_vocab_size=32000, max_text_len=256, kmeans_images=8192, adapter_lr_scale=1.0,
             kmeans_max_samples=200_000,
             train1=TrainConfig(num_steps=5000, batch_size=256, precision="bf16"),
             train2=TrainConfig(num_steps=20000, batch_size=256, precision="bf16"),
@@ -103,7 +103,7 @@ def tokenizer_preset(preset: str) -> TokenizerConfig:
         image_size=504, patch_size=14, vit_hidden_size=1152, vit_num_layers=27, vit_num_heads=16,
         vit_intermediate_size=4304, num_codebooks=8, codebook_size=8192, code_dim=128, base_dim=4096,
         embed_dim=4096, aux_hidden_size=1024, aux_num_layers=28, aux_num_heads=16, aux_num_kv_heads=8,
-        aux_intermediate_size=3072, text_vocab_size=151_669, max_text_len=1024, kmeans_images=65536,
+        aux_intermediate_size=3072, text_vocab_size=151_669, max_text_len=1024, kmeans_images=65536, adapter_lr_scale=1.0,
         kmeans_max_samples=1_000_000,
         train1=TrainConfig(num_steps=20000, batch_size=1024, precision="bf16", warmup_steps=500),
         train2=TrainConfig(num_steps=100000, batch_size=1024, precision="bf16", warmup_steps=2000),

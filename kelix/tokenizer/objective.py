@@ -2,7 +2,8 @@
 
   align    (stage 1) caption loss + quantizer loss; trains the adapter (merge + MLP), the SimVQ projections,
            the up-projections and the aux decoder's input projection; ViT and aux LLM frozen.
-  pretrain (stage 2) caption + VQA loss + quantizer loss; everything trains, the ViT at `encoder_lr`.
+  pretrain (stage 2) caption + VQA loss + quantizer loss; everything trains, the ViT at `encoder_lr`, the
+           adapter at lr * adapter_lr_scale (keeps codes in use, see TokenizerConfig).
   anneal   (stage 3) VQA loss + quantizer loss; everything trains with a decaying rate (no warmup).
 """
 from __future__ import annotations
