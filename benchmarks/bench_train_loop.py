@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     bare_cpu, shared_cpu = times["bare"][1] / n, times["shared"][1] / n
     bare_wall, shared_wall = times["bare"][0] / n, times["shared"][0] / n
     print(f"model: tiny Kelix-Tok + aux decoder, stage-2 objective, batch {tcfg.batch_size}, {args.threads} thread(s), "
-          f"{n} steps per loop, checkpoint every {tcfg.checkpoint_every} steps")
+          f"{n} timed steps per loop ({args.blocks} alternating blocks of {args.steps}; a checkpoint ends every block, "
+          f"checkpoint_every={tcfg.checkpoint_every})")
     print("| loop | CPU s/step | wall s/step |")
     print("|---|---|---|")
     print(f"| bare PyTorch | {bare_cpu:.4f} | {bare_wall:.4f} |")
