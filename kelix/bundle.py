@@ -14,7 +14,6 @@ before any model code reads it, with an error naming the file and what to do abo
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -28,6 +27,7 @@ import torch
 from PIL import Image
 
 from kelix.config import KelixConfig, config_from_dict, config_hash
+from kelix.hashing import file_sha256
 
 PARTS = ("tokenizer", "llm", "dit", "aedit")
 # The stage whose `model/` output becomes each part (kelix/stages.py; the eval stage's inputs).
@@ -54,13 +54,6 @@ class BundleError(RuntimeError):
 # ------------------------------------------------------------------------------------------- checking
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def check_safetensors(path: Path) -> None:
     """Parse a safetensors header and check the file holds exactly the bytes it declares (no tensors read)."""
@@ -85,7 +78,7 @@ def _files(root: Path) -> list[Path]:
 
 
 def write_manifest(root: Path, cfg: KelixConfig) -> dict:
-    files = {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(root)}
+    files = {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in _files(root)}
     from kelix.tracking import git_sha
 
     # The code that wrote the weights: a load that fails on a mismatch can say which commit fits them.
@@ -127,7 +120,7 @@ def check_bundle(root: str | Path, verify_hashes: bool = True) -> dict:
         if path.stat().st_size != meta["size"]:
             raise BundleError(f"{path} has {path.stat().st_size} bytes, {MANIFEST} records {meta['size']} "
                               f"(truncated or replaced): {FIX_HINT}")
-        if verify_hashes and _sha256(path) != meta["sha256"]:
+        if verify_hashes and file_sha256(path) != meta["sha256"]:
             raise BundleError(f"{path} is corrupt: its sha256 differs from the one in {MANIFEST}: {FIX_HINT}")
         if path.suffix == ".safetensors":
             check_safetensors(path)

@@ -7,30 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from small_config import TOKENIZER, schedules
 
 from kelix.config import load_config
+from kelix.data.reader import load_split
 from kelix.stages import StageContext
 from kelix.text import TextTokenizer, dataset_texts, train_text_tokenizer
 from kelix.tokenizer import stages as tok_stages
 from kelix.tokenizer.aux_decoder import AuxDecoder
-from kelix.tokenizer.data import load_split
 from kelix.tokenizer.model import KelixTokenizer
 from kelix.tokenizer.objective import TokenizerTrainer, make_step_fn, param_groups, text_kinds
 from kelix.tokenizer.text_rows import TextRows
 from kelix.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from kelix.train.metrics import MetricLogger
 
-TINY = [
-    "tokenizer.image_size=32", "tokenizer.patch_size=4", "tokenizer.vit_hidden_size=32", "tokenizer.vit_num_layers=1",
-    "tokenizer.vit_num_heads=2", "tokenizer.vit_intermediate_size=64", "tokenizer.num_codebooks=2",
-    "tokenizer.codebook_size=16", "tokenizer.code_dim=8", "tokenizer.base_dim=16", "tokenizer.embed_dim=32",
-    "tokenizer.aux_hidden_size=32", "tokenizer.aux_num_layers=1", "tokenizer.aux_num_heads=2",
-    "tokenizer.aux_num_kv_heads=1", "tokenizer.aux_intermediate_size=64", "tokenizer.text_vocab_size=320",
-    "tokenizer.eval_images=16", "tokenizer.kmeans_images=64", "tokenizer.kmeans_iters=3",
-    "tokenizer.aux_warmup.num_steps=2", "tokenizer.aux_warmup.batch_size=8",
-    *(f"tokenizer.{t}.{k}" for t in ("train1", "train2", "train3")
-      for k in ("num_steps=4", "batch_size=8", "checkpoint_every=2", "warmup_steps=1", "log_every=2")),
-]
+TINY = [*TOKENIZER, *schedules("num_steps=4", "batch_size=8", "checkpoint_every=2", "warmup_steps=1", "log_every=2",
+                               sections=("tokenizer.train1", "tokenizer.train2", "tokenizer.train3"))]
 STAGE_OF = {"align": "tokenizer-1", "pretrain": "tokenizer-2", "anneal": "tokenizer-3"}
 
 

@@ -149,3 +149,20 @@ def load_images(root: str | Path, split: str, image_size: int | None = None,
     except OSError:
         pass  # a read-only location only costs the speed-up
     return keys, torch.from_numpy(arr)
+
+
+def load_split(root: str | Path, split: str, image_size: int, limit: int = 0) -> tuple[list[dict], torch.Tensor]:
+    """(records, images uint8 [N,3,H,W]) of one split in manifest order; `limit` > 0 keeps the first ones.
+
+    The tiny sets fit in memory (6000 x 3 x 64 x 64 bytes = 74 MB), so stages load their splits once and
+    batch by plain tensor indexing (no DataLoader workers on 2 cores)."""
+    records = list(iter_records(root, split))
+    if not records:
+        raise ValueError(f"{root} has no {split} records: generate or import data first")
+    keys, images = load_images(root, split, image_size=image_size)
+    if keys != [r["key"] for r in records]:
+        by_key = {k: i for i, k in enumerate(keys)}
+        images = images[[by_key[r["key"]] for r in records]]
+    if limit > 0:
+        records, images = records[:limit], images[:limit]
+    return records, images

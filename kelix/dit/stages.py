@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from kelix.data.reader import load_split
 from kelix.dit.model import KelixDiT
 from kelix.dit.pipeline import generate_images, psnr, same_objects, tokenizer_condition, to_tensor
 from kelix.dit.trainer import DiTData, eval_loss, grid_image, per_example_loss, train_dit
@@ -38,22 +40,6 @@ PREVIEW = 8
 
 
 # ---------------------------------------------------------------------------------------------- data
-
-
-def _load_split(root: Path, split: str, image_size: int, limit: int = 0) -> tuple[list[dict], torch.Tensor]:
-    """(records, uint8 images [N,3,H,W]) of a split in manifest order."""
-    from kelix.data.reader import iter_records, load_images
-
-    records = list(iter_records(root, split))
-    if not records:
-        raise ValueError(f"{root} has no {split} records: generate or import data first")
-    keys, images = load_images(root, split, image_size=image_size)
-    if keys != [r["key"] for r in records]:
-        at = {k: i for i, k in enumerate(keys)}
-        images = images[[at[r["key"]] for r in records]]
-    if limit > 0:
-        records, images = records[:limit], images[:limit]
-    return records, images
 
 
 def _batched(n: int, size: int, desc: str, progress: bool):
@@ -137,12 +123,14 @@ def _reconstruction_metrics(model: KelixDiT, cond: torch.Tensor, originals: torc
 def _finish(ctx, model: KelixDiT, result, val: DiTData, val_images: torch.Tensor, t0: float,
             extra_rows: list[torch.Tensor] = ()) -> dict[str, float]:
     model.eval()
-    model.save_pretrained(ctx.out_dir / "model")
+    if ctx.is_main:  # under torchrun every rank holds the same weights; one writes them
+        model.save_pretrained(ctx.out_dir / "model")
     train_seconds = time.perf_counter() - t0
     rec, samples = _reconstruction_metrics(model, val.conds, val_images)
     size = ctx.cfg.dit.output_size
-    grid_image([to_tensor(val_images[:PREVIEW].float() / 255, size), samples[:PREVIEW], *extra_rows]).save(
-        ctx.out_dir / "samples.png")
+    if ctx.is_main:
+        grid_image([to_tensor(val_images[:PREVIEW].float() / 255, size), samples[:PREVIEW], *extra_rows]).save(
+            ctx.out_dir / "samples.png")
     metrics = {"flow_loss": float(result.metrics.get("loss", float("nan"))), "val_flow_loss": eval_loss(model, val),
                "steps": float(result.step), "resumed_from_step": float(result.resumed_from),
                "train_seconds": train_seconds, "stopped_by_budget": float(result.stopped_by_budget), **rec}
@@ -165,8 +153,8 @@ def aedit(ctx) -> dict[str, float]:
     """AE-DiT: learn to turn an image's tokenizer codes back into the image."""
     t0 = time.perf_counter()
     dcfg, size = ctx.cfg.dit, ctx.cfg.tokenizer.image_size
-    records, images = _load_split(ctx.data_dir, "train", size)
-    val_records, val_images = _load_split(ctx.data_dir, "val", size, limit=dcfg.num_eval_images)
+    records, images = load_split(ctx.data_dir, "train", size)
+    val_records, val_images = load_split(ctx.data_dir, "val", size, limit=dcfg.num_eval_images)
     tokenizer = _load_tokenizer(ctx)
     model = _new_model(ctx, tokenizer.embed_dim)
     model.cfg.guidance_scale = dcfg.ae_guidance_scale  # saved with the model: reconstruct() samples with it
@@ -183,8 +171,8 @@ def aedit(ctx) -> dict[str, float]:
 
 def _llm_data(ctx, tokenizer, llm, text_tok, cache_path: Path, model: KelixDiT):
     dcfg, size = ctx.cfg.dit, ctx.cfg.tokenizer.image_size
-    records, images = _load_split(ctx.data_dir, "train", size)
-    val_records, val_images = _load_split(ctx.data_dir, "val", size, limit=dcfg.num_eval_images)
+    records, images = load_split(ctx.data_dir, "train", size)
+    val_records, val_images = load_split(ctx.data_dir, "val", size, limit=dcfg.num_eval_images)
     keys = [r["key"] for r in records + val_records]
     cache = _cached(cache_path, keys, lambda: {
         "train": _llm_conds(tokenizer, llm, text_tok, records, images, ctx.device, ctx.progress),
@@ -242,7 +230,9 @@ def sft(ctx) -> dict[str, float]:
     upstream_cache = ctx.input("dit-1") / CACHE
     cache_path = ctx.out_dir / CACHE
     if upstream_cache.exists() and not cache_path.exists():
-        cache_path.write_bytes(upstream_cache.read_bytes())
+        tmp = cache_path.with_name(f"{cache_path.name}.tmp-{os.getpid()}")  # torchrun ranks copy side by side
+        shutil.copyfile(upstream_cache, tmp)
+        os.replace(tmp, cache_path)
     records, images, data, val_records, val_images, val = _llm_data(ctx, tokenizer, llm, text_tok, cache_path, model)
     errors = per_example_loss(model, data)
     keep = torch.tensor(select_sft(records, images, errors, dcfg.sft_fraction))

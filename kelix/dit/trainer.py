@@ -77,12 +77,14 @@ def make_batches(model: KelixDiT, data: DiTData, cfg: TrainConfig) -> tuple[Call
         idx = torch.from_numpy(sampler.indices(i))
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
         x0 = data.x0(model, idx)
+        # Drawn for the global batch, then this rank's rows: the same noise per example on any world size.
+        n, mine = sampler.batch_size, sampler.rank_slice
         return {
             "x0": x0,
             "cond": data.conds[idx].to(model.device, torch.float32),
-            "noise": torch.randn(x0.shape, generator=gen).to(x0),
-            "sigma": flow.sample_sigmas(len(idx), dit.timestep_sampling, gen, dit.logit_mean, dit.logit_std).to(x0),
-            "drop": (torch.rand(len(idx), generator=gen) < dit.cond_dropout).to(model.device),
+            "noise": torch.randn((n, *x0.shape[1:]), generator=gen)[mine].to(x0),
+            "sigma": flow.sample_sigmas(n, dit.timestep_sampling, gen, dit.logit_mean, dit.logit_std)[mine].to(x0),
+            "drop": (torch.rand(n, generator=gen) < dit.cond_dropout)[mine].to(model.device),
             # The weights change once per optimiser step, not per micro-batch.
             "first_micro": i % cfg.grad_accum_steps == 0,
         }

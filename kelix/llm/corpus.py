@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kelix.data.reader import iter_records, load_images
+from kelix.hashing import file_sha256
 from kelix.llm.sequences import Batch, SequenceBuilder, collate
 from kelix.train.sampler import StepSampler
 
@@ -33,17 +35,9 @@ class Split:
         return Split([self.records[i] for i in keep], self.codes[keep])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def tokenizer_fingerprint(model_dir: Path) -> str:
     files = sorted(p for p in Path(model_dir).iterdir() if p.is_file())
-    return hashlib.sha256("".join(p.name + _sha256(p) for p in files).encode()).hexdigest()[:16]
+    return hashlib.sha256("".join(p.name + file_sha256(p) for p in files).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -88,8 +82,10 @@ def load_splits(data_dir: Path, tokenizer, tokenizer_dir: Path, out_dir: Path, d
     else:
         out = {s: encode_split(data_dir, s, tokenizer, device) for s in splits}
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({s: sp.codes.to(torch.int32).contiguous() for s, sp in out.items()}, out_dir / CODES_FILE,
-              metadata={"fingerprint": fingerprint})
+    # Written under a per-process name and renamed: torchrun ranks encode the same codes side by side.
+    tmp = out_dir / f"{CODES_FILE}.tmp-{os.getpid()}"
+    save_file({s: sp.codes.to(torch.int32).contiguous() for s, sp in out.items()}, tmp, metadata={"fingerprint": fingerprint})
+    os.replace(tmp, out_dir / CODES_FILE)
     return out
 
 
@@ -141,6 +137,8 @@ class Mixture:
         return self.builder.generation(text, codes)
 
     def __call__(self, step: int) -> Batch:
-        rng = np.random.default_rng([self.seed, step])
-        seqs = [self.example(int(i), rng) for i in self.sampler.indices(step)]
+        # One generator per slot of the global batch: an example is built the same on any number of processes.
+        first = self.sampler.rank_slice.start
+        seqs = [self.example(int(i), np.random.default_rng([self.seed, step, first + k]))
+                for k, i in enumerate(self.sampler.indices(step))]
         return collate(seqs, self.builder.vocab, max_blocks=self.max_blocks)

@@ -4,17 +4,26 @@ Each slot is scored over the ids it may hold, the same restriction decoding appl
 text ids and the specials, code i of an image block over sub-codebook i only, <eob> over the whole vocabulary. The
 three terms are averaged separately and summed, so the few answer tokens of understanding are not drowned
 by the P*N codes of a generation example in the same batch.
+
+Under data parallelism each rank holds a different mix of text and image targets, so a term's mean over the
+rank's own tokens would weight tokens unequally across ranks. `global_counts` (the trainer passes an
+all-reduce) turns each term into a sum over the rank's tokens divided by the token count of the whole global
+batch, times the world size: DDP's gradient average then equals the single-process gradient, and so does the
+mean of the ranks' losses.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from typing import Callable
+
 from kelix.llm.model import KelixLLM
 from kelix.llm.sequences import IMAGE, TEXT, Batch
 
 
-def nbp_loss(llm: KelixLLM, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+def nbp_loss(llm: KelixLLM, batch: Batch, global_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             world_size: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
     v = llm.vocab
     n = v.num_codebooks
     table = llm.embedding_table()
@@ -22,21 +31,27 @@ def nbp_loss(llm: KelixLLM, batch: Batch) -> tuple[torch.Tensor, dict[str, float
                           image_pos=batch.image_pos, groups=batch.groups)
     terms: list[torch.Tensor] = []
     metrics: dict[str, float] = {}
-    eob_logits, eob_count = [], 0
+    eob_logits = []
 
-    text = batch.kinds == TEXT
+    text, image = batch.kinds == TEXT, batch.kinds == IMAGE
+    local = torch.stack([text.sum(), image.sum()]).double().cpu()
+    counts = global_counts(local.clone()) if global_counts is not None else local
+    # Sum over this rank's tokens / tokens in the global batch * world size (= the local mean on one process).
+    scale = (world_size / counts.clamp_min(1)).tolist()
+    eob_scale = world_size / max(float(counts.sum()), 1.0)
+
     if text.any():
         tgt = batch.targets[text]  # [M, N+1]: token, <eob>, IGNORE...
         out = llm.block_decoder(h[text], llm.block_encoder.embed(table, tgt[:, :1]))  # [M, 2, H]
         logits = llm.logits(out[:, 0])
         # A text slot holds a text id or a special (<boi>, <eoi>, ...), never a code.
         logits[:, v.visual_start: v.special_start] = float("-inf")
-        terms.append(F.cross_entropy(logits, tgt[:, 0]))
-        metrics["text_loss"] = float(terms[-1].detach())
+        token_loss = F.cross_entropy(logits, tgt[:, 0], reduction="none")
+        terms.append(token_loss.sum() * scale[0])
+        metrics["text_loss"] = float(token_loss.detach().mean())
         metrics["text_acc"] = float((logits.argmax(-1) == tgt[:, 0]).float().mean())
         eob_logits.append(out[:, 1])
 
-    image = batch.kinds == IMAGE
     if image.any():
         tgt = batch.targets[image]  # [M, N+1]: c_0..c_{N-1}, <eob>
         out = llm.block_decoder(h[image], llm.block_encoder.embed(table, tgt[:, :n]))  # [M, N+1, H]
@@ -44,17 +59,18 @@ def nbp_loss(llm: KelixLLM, batch: Batch) -> tuple[torch.Tensor, dict[str, float
         for i in range(n):
             start, stop = v.codebook_range(i)
             logits = llm.logits(out[:, i], start, stop)
-            code_losses.append(F.cross_entropy(logits, tgt[:, i] - start))
-            metrics[f"code_loss_{i}"] = float(code_losses[-1].detach())
-        terms.append(torch.stack(code_losses).mean())
-        metrics["code_loss"] = float(terms[-1].detach())
+            code_losses.append(F.cross_entropy(logits, tgt[:, i] - start, reduction="sum"))
+            metrics[f"code_loss_{i}"] = float(code_losses[-1].detach()) / len(tgt)
+        terms.append(torch.stack(code_losses).mean() * scale[1])
+        metrics["code_loss"] = sum(metrics[f"code_loss_{i}"] for i in range(n)) / n
         eob_logits.append(out[:, n])
 
     if not terms:
         raise ValueError("batch has no target blocks")
     eob_out = torch.cat(eob_logits)
-    eob = F.cross_entropy(llm.logits(eob_out), torch.full((len(eob_out),), v.eob, device=eob_out.device))
-    metrics["eob_loss"] = float(eob.detach())
-    terms.append(eob)
+    eob = F.cross_entropy(llm.logits(eob_out), torch.full((len(eob_out),), v.eob, device=eob_out.device),
+                          reduction="sum")
+    metrics["eob_loss"] = float(eob.detach()) / len(eob_out)
+    terms.append(eob * eob_scale)
     return sum(terms), metrics
 

@@ -25,6 +25,7 @@ from kelix.llm.model import KelixLLM
 from kelix.llm.sequences import SequenceBuilder
 from kelix.text import FILENAME as TEXT_TOKENIZER_FILE
 from kelix.text import TextTokenizer
+from kelix.train import distributed
 from kelix.train.loop import train
 
 TOKENIZER_STAGE = "tokenizer-3"
@@ -87,11 +88,18 @@ def run(ctx, stage: int) -> dict[str, float]:
                       understanding=1.0 - g - inter - cap, captioning=cap, generation=g, interleaved=inter,
                       caption_dropout=cfg.caption_dropout, prompt_only=stage == 4, max_blocks=cfg.max_blocks)
     device = ctx.device
-    result = train(llm, [{"params": params}], mixture, lambda model, batch: nbp_loss(model, batch.to(device)),
+    # Terms normalised by the global batch's token counts: the same gradient on any number of processes.
+    world = distributed.world_size()
+
+    def step_fn(model, batch):
+        return nbp_loss(model, batch.to(device), distributed.sum_across_ranks, world)
+
+    result = train(llm, [{"params": params}], mixture, step_fn,
                    tcfg, ctx.out_dir, desc=ctx.name, logger=ctx.logger, progress=ctx.progress)
 
-    llm.save_pretrained(ctx.out_dir / "model")
-    shutil.copyfile(tok_dir / TEXT_TOKENIZER_FILE, ctx.out_dir / TEXT_TOKENIZER_FILE)
+    if ctx.is_main:  # under torchrun every rank holds the same weights; one writes them
+        llm.save_pretrained(ctx.out_dir / "model")
+        shutil.copyfile(tok_dir / TEXT_TOKENIZER_FILE, ctx.out_dir / TEXT_TOKENIZER_FILE)
     metrics = {f"train_{k}": v for k, v in result.metrics.items()}
     metrics.update(teacher_forced_losses(llm, text_tok, splits["val"], limit=cfg.val_records))
     metrics.update(vqa_accuracy(llm, text_tok, splits["val"], limit=cfg.val_questions))

@@ -16,7 +16,7 @@ import torch
 from kelix.text import TextTokenizer, dataset_texts, train_text_tokenizer
 from kelix.tokenizer.aux_decoder import AuxDecoder
 from kelix.tokenizer.config import TokenizerConfig
-from kelix.tokenizer.data import load_split
+from kelix.data.reader import load_split
 from kelix.tokenizer.evaluate import evaluate
 from kelix.tokenizer.kmeans import init_codebooks
 from kelix.tokenizer.model import KelixTokenizer
@@ -134,9 +134,10 @@ def run_task(ctx, task: str) -> dict[str, float]:
 
     result = train(model, groups, get_batch, make_step_fn(task), tcfg, ctx.out_dir, desc=ctx.name,
                    logger=ctx.logger, progress=ctx.progress)
-    tokenizer.save_pretrained(ctx.out_dir / "model")
-    aux.save_pretrained(ctx.out_dir / "aux")
-    text_tok.save(ctx.out_dir)
+    if ctx.is_main:  # under torchrun every rank holds the same weights; one writes them
+        tokenizer.save_pretrained(ctx.out_dir / "model")
+        aux.save_pretrained(ctx.out_dir / "aux")
+        text_tok.save(ctx.out_dir)
     train_seconds = time.perf_counter() - t0
     val_records, val_images = load_split(ctx.data_dir, "val", cfg.image_size, limit=cfg.eval_images)
     metrics = evaluate(model, TextRows(val_records, text_tok, cfg.max_text_len), val_images,

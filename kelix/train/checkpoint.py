@@ -8,7 +8,6 @@ their checksums is corrupt and reported as such.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from kelix.hashing import file_sha256
 
 PREFIX = "step_"
 
@@ -35,13 +36,6 @@ class Checkpoint:
     train_state: dict[str, Any]
     meta: dict[str, Any]
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,7 +62,7 @@ def save_checkpoint(
     torch.save(train_state, tmp / "optim.pt")
     meta = {
         "step": step,
-        "files": {name: _sha256(tmp / name) for name in ("model.safetensors", "optim.pt")},
+        "files": {name: file_sha256(tmp / name) for name in ("model.safetensors", "optim.pt")},
         **(extra or {}),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -106,7 +100,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         file = path / name
         if not file.exists():
             raise CheckpointError(f"checkpoint {path} lacks {name}; delete the folder to resume from an earlier one")
-        actual = _sha256(file)
+        actual = file_sha256(file)
         if actual != expected:
             raise CheckpointError(
                 f"checkpoint {path}: {name} is corrupt (sha256 {actual[:12]} != recorded {expected[:12]}); "

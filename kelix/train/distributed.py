@@ -85,20 +85,35 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def world_size() -> int:
+    info = current()
+    return info.world_size if info else 1
+
+
+def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Elementwise sum over the ranks (the tensor itself on one process); every rank must call it."""
+    if current() is not None:
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    if current() is None or not values:
+    """Each metric averaged over the ranks that report it. Ranks may report different metrics (a rank whose
+    batch holds no image has no code loss), so keys travel with the values: a plain all_reduce of mismatched
+    vectors would hang or mix metrics up."""
+    if current() is None:
         return values
-    keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    tensor /= dist.get_world_size()
-    return dict(zip(keys, tensor.tolist()))
+    gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    keys = sorted(set().union(*gathered))
+    return {k: sum(g[k] for g in gathered if k in g) / sum(k in g for g in gathered) for k in keys}
 
 
 def save_dcp(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
     """Every rank writes its shard into one folder (a shared filesystem); rank 0 finishes it atomically."""
-    from kelix.train.checkpoint import PREFIX, _sha256, list_checkpoints
+    from kelix.hashing import file_sha256
+    from kelix.train.checkpoint import PREFIX, list_checkpoints
 
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"{PREFIX}{step:07d}"
@@ -112,7 +127,7 @@ def save_dcp(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch
     if is_main_process():
         files = sorted(p for p in (tmp / "dcp").iterdir() if p.is_file())
         meta = {"step": step, "format": "dcp", "world_size": (current().world_size if current() else 1),
-                "files": {f"dcp/{p.name}": _sha256(p) for p in files}, **(extra or {})}
+                "files": {f"dcp/{p.name}": file_sha256(p) for p in files}, **(extra or {})}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if final.exists():
             shutil.rmtree(final)

@@ -51,6 +51,20 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+class _StepModule(torch.nn.Module):
+    """`step_fn(model, batch)` as the forward of one module. DDP syncs gradients and FSDP2 gathers weights in
+    forward hooks, so a step_fn that calls submodules or methods (model.tokenizer(...), model.hidden_states(...))
+    is only correct under them when it runs inside the wrapped module's forward."""
+
+    def __init__(self, model: torch.nn.Module, step_fn: "StepFn"):
+        super().__init__()
+        self.model = model
+        self.step_fn = step_fn
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.step_fn(self.model, batch)
+
+
 def _groups_by_name(model: torch.nn.Module, param_groups: Iterable[dict]) -> list[dict]:
     """Param groups as parameter names: FSDP2 replaces parameter objects, names survive."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -132,7 +146,7 @@ def train(
         if missing:
             raise RuntimeError(f"checkpoint {ckpt.path} does not match this stage's model (missing {sorted(missing)[:3]})")
         model.load_state_dict(ckpt.model_state, strict=False)
-    step_model = distributed.wrap(model, info) if info else model
+    forward_step = distributed.wrap(_StepModule(model, step_fn), info) if info else (lambda batch: step_fn(model, batch))
     optimizer = build_optimizer(_groups_from_names(model, named_groups), cfg)
     if ckpt is not None:
         if ckpt.meta.get("format") == "dcp":
@@ -156,7 +170,7 @@ def train(
         for micro in range(cfg.grad_accum_steps):
             batch = get_batch(step * cfg.grad_accum_steps + micro)
             with _autocast(device, cfg.precision):
-                loss, step_metrics = step_fn(step_model, batch)
+                loss, step_metrics = forward_step(batch)
             (loss / cfg.grad_accum_steps).backward()
             for k, v in {"loss": float(loss.detach()), **step_metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum_steps

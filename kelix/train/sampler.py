@@ -37,6 +37,12 @@ class StepSampler:
             self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
         return self._perms[epoch]
 
+    @property
+    def rank_slice(self) -> slice:
+        """This rank's rows of a tensor drawn for the whole global batch: random draws made that way (noise,
+        dropout) give each example the same values on any number of processes."""
+        return slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+
     def indices(self, step: int) -> np.ndarray:
         """Example indices of this rank's slice of the global batch at `step`."""
         start = step * self.batch_size + self.rank * self.per_rank
