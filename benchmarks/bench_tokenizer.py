@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from kelix.config import load_config  # noqa: E402
 from kelix.stages import run_stage  # noqa: E402
-from kelix.tokenizer.data import load_split  # noqa: E402
+from kelix.data.reader import load_split  # noqa: E402
 from kelix.tokenizer.model import KelixTokenizer  # noqa: E402
 
 STAGES = ("tokenizer-1", "tokenizer-2", "tokenizer-3")
