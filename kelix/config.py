@@ -181,6 +181,12 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         _apply_tree(obj, value, prefix=key + ".")
         return obj
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-3` (no dot) as a string; people write learning rates that way.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)

@@ -26,6 +26,8 @@ def test_params_file_then_overrides(tmp_path):
     assert cfg.tokenizer.train1.lr == 0.001
     assert cfg.llm.num_layers == 5  # --set wins over the file
     assert cfg.dit.guidance_scale == 2.0 and isinstance(cfg.dit.guidance_scale, float)
+    # YAML 1.1 reads 1e-3 as a string; a float field takes it as the number people mean.
+    assert load_config("tiny", None, ["tokenizer.train2.encoder_lr=1e-3"]).tokenizer.train2.encoder_lr == 0.001
     # explicit preset wins over the file's
     assert load_config("tiny", params).preset == "tiny"
 
@@ -35,6 +37,7 @@ def test_params_file_then_overrides(tmp_path):
     ("nosection.x=1", "unknown config key 'nosection'"),
     ("tokenizer.num_codebooks=eight", "must be an integer"),
     ("tokenizer.num_codebooks=1.5", "must be an integer"),
+    ("tokenizer.train1.lr=fast", "must be a number"),
     ("eval.thresholds=3", "must be a mapping"),
     ("tokenizer.train1=5", "is a section"),
     ("runtime.deterministic=yes please", "must be true or false"),
