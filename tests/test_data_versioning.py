@@ -81,9 +81,12 @@ def test_s3_remote_round_trip_on_moto(repo, tmp_path, monkeypatch):
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         s3.create_bucket(Bucket="kelix-data")
         run_dvc(["init", "-q"], repo)
-        run_dvc(["remote", "add", "-d", "s3remote", "s3://kelix-data/dvc"], repo)
-        run_dvc(["remote", "modify", "s3remote", "endpointurl", endpoint], repo)
+        # The remote comes from the environment, as in the compose stack and on the cluster: nothing committed.
+        monkeypatch.setenv("KELIX_DVC_REMOTE_URL", "s3://kelix-data/dvc")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
         md5, clone = _snapshot_commit_clone(repo, tmp_path)
+        assert "kelix-data" not in (repo / ".dvc" / "config").read_text()
+        assert endpoint in (repo / ".dvc" / "config.local").read_text()
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="kelix-data", Prefix="dvc/").get("Contents", [])]
         assert len(keys) >= 33  # 32 images + manifest + dataset.json + the .dir listing, minus identical files
         pull(clone / "data.dvc")

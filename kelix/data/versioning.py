@@ -21,6 +21,10 @@ from kelix.data.config import DataConfig
 from kelix.env import apply_env_defaults
 
 
+ENV_REMOTE_URL = "KELIX_DVC_REMOTE_URL"
+ENV_REMOTE = "kelix-env"
+
+
 class VersioningError(RuntimeError):
     """A DVC step that failed, with DVC's own message."""
 
@@ -56,6 +60,20 @@ def find_repo(path: str | Path) -> Path:
 def ensure_dvc(repo: str | Path) -> None:
     if not (Path(repo) / ".dvc").is_dir():
         run_dvc(["init", "-q"], repo)
+
+
+def remote_args(repo: str | Path, remote: str | None = None) -> list[str]:
+    """`-r NAME` for a pull or push: the named remote, the env's remote URL, or nothing (DVC's default)."""
+    if remote:
+        return ["-r", remote]
+    url = os.environ.get(ENV_REMOTE_URL, "").strip()
+    if not url:
+        return []
+    run_dvc(["remote", "add", "--local", "--force", ENV_REMOTE, url], repo)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "").strip()
+    if url.startswith("s3://") and endpoint:
+        run_dvc(["remote", "modify", "--local", ENV_REMOTE, "endpointurl", endpoint], repo)
+    return ["-r", ENV_REMOTE]
 
 
 def default_dvc_file(root: str | Path, repo: str | Path) -> Path:
@@ -99,7 +117,7 @@ def snapshot(root: str | Path, cfg: DataConfig | None = None, *, dvc_file: str |
     run_dvc(["commit", "-f", "-q", str(target)], repo)
     if push:
         try:
-            run_dvc(["push", "-q", *(["-r", remote] if remote else []), str(target)], repo)
+            run_dvc(["push", "-q", *remote_args(repo, remote), str(target)], repo)
         except VersioningError as exc:
             raise VersioningError(f"{exc}\n(is a remote configured? `dvc remote add -d NAME URL`)") from exc
     return data_version(target)
@@ -121,5 +139,5 @@ def pull(dvc_file: str | Path = "data.dvc", remote: str | None = None) -> Path:
     """Fetch the dataset version a .dvc file names from the remote into the workspace; return its folder."""
     path = Path(dvc_file).resolve()
     repo = find_repo(path)
-    run_dvc(["pull", "-q", *(["-r", remote] if remote else []), str(path)], repo)
+    run_dvc(["pull", "-q", *remote_args(repo, remote), str(path)], repo)
     return _tracked_path(path)
