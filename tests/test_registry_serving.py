@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +19,7 @@ from kelix.registry import load_bundle, promote, register_bundle, status
 from kelix.registry.pyfunc import decode_image, encode_image, example_image
 from kelix.registry.resolve import _cache_dir, bundle_path, resolve_version
 from kelix.registry.store import configure
+from services import mlflow_server
 from test_bundle_layout import tiny_bundle
 
 METRICS = {"vqa_accuracy": 0.8, "geneval_overall": 0.5, "recon_detector_agreement": 0.9}
@@ -144,32 +142,11 @@ def test_use_cli_ask_generate_reconstruct(served, tmp_path, capsys):
     assert main(["ask", str(tmp_path / "missing.png"), "q", "--model", str(served["bundle"])]) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.services
 def test_release_against_mlflow_server(tmp_path, monkeypatch, tmp_path_factory):
     import mlflow
 
-    port = _free_port()
-    server = subprocess.Popen(
-        [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
+    with mlflow_server(tmp_path) as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         monkeypatch.setenv("KELIX_CACHE", str(tmp_path / "cache"))
         monkeypatch.setenv("KELIX_LOCK_DIR", str(tmp_path / "locks"))
@@ -181,10 +158,7 @@ def test_release_against_mlflow_server(tmp_path, monkeypatch, tmp_path_factory):
         assert info["aliases"]["champion"]["version"] == v1 and info["history"][0]["action"] == "promote"
         assert list((tmp_path / "locks").glob("registry-*.lock"))  # a server store is locked in KELIX_LOCK_DIR
         # Artifacts went through the server's proxy into --artifacts-destination.
-        assert list((tmp_path / "artifacts").rglob("llm/model.safetensors"))
+        assert list((tmp_path / "mlflow-artifacts").rglob("llm/model.safetensors"))
         model = mlflow.pyfunc.load_model("models:/kelix-remote@champion")
         out = model.predict(frame().iloc[[0]].reset_index(drop=True))
         assert isinstance(out["answer"][0], str)
-    finally:
-        server.terminate()
-        server.wait(30)
