@@ -69,7 +69,8 @@ def test_pipeline_against_prefect_mlflow_and_s3(tmp_path):
             assert all(status(k)["status"] == "SUCCESS" for k in markers)
 
             # MLflow: the pipeline run with one nested run per stage, and a registered version whose files are in S3.
-            client = MlflowClient(mlflow_url)
+            # Both URIs explicit: earlier tests in this process may have set a global registry URI.
+            client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
             runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
             parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and "kelix.stage" not in r.data.tags]
             nested = [r for r in runs if r.data.tags.get("kelix.stage")]
