@@ -13,13 +13,7 @@ from kelix.dit.model import KelixDiT, sincos_positions
 COND_DIM, P = 12, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: the tensors here are tiny
 
 
 def tiny_cfg(**kw) -> DiTConfig:

@@ -127,24 +127,6 @@ def env(kube, s3, tmp_path, monkeypatch):
             "cluster": Cluster(kube, namespace, tmp_path), "cfg": load_config("tiny")}
 
 
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def runner_log():
-    handler, logger = _Lines(), logging.getLogger("kelix.runners")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler.lines
-    logger.removeHandler(handler)
-
-
 # ---------------------------------------------------------------------------------------------- the cluster
 
 

@@ -8,7 +8,6 @@ meant to. KELIX_TOY_MODE picks how the toy stage behaves.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import signal
 import sys
@@ -52,25 +51,6 @@ def setup(tmp_path, monkeypatch):
     (data / "images" / "a.png").write_bytes(b"png")
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the child finds `tests.` from the repo root
     return {"cfg": load_config("tiny"), "data": data, "artifacts": str(tmp_path / "artifacts")}
-
-
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def runner_log():
-    """The runner's log lines (outside a flow it logs to `kelix.runners`; Prefect owns the root handlers)."""
-    handler, logger = _Lines(), logging.getLogger("kelix.runners")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler.lines
-    logger.removeHandler(handler)
 
 
 def _runner(mode: str) -> SubprocessRunner:
