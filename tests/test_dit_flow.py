@@ -9,13 +9,7 @@ from kelix.dit.config import DiTConfig
 from kelix.dit.model import KelixDiT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: the tensors here are tiny
 
 
 def test_noisy_point_matches_diffusers_scale_noise():

@@ -20,13 +20,7 @@ FAST = ["dit.image_size=16", "dit.patch_size=2", "dit.num_layers=1", "dit.num_ev
           for k, v in (("num_steps", 3), ("batch_size", 4), ("checkpoint_every", 2), ("log_every", 1)))]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: the tensors here are tiny
 
 
 @pytest.fixture(scope="module")
