@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from kelix.config import KelixConfig, config_from_dict, config_hash
-from kelix.hashing import file_sha256
+from kelix.files import file_sha256
 
 PARTS = ("tokenizer", "llm", "dit", "aedit")
 # The stage whose `model/` output becomes each part (kelix/stages.py; the eval stage's inputs).

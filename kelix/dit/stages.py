@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import shutil
 import time
 from collections import defaultdict
@@ -34,6 +33,7 @@ from kelix.data.reader import load_split
 from kelix.dit.model import KelixDiT
 from kelix.dit.pipeline import generate_images, psnr, same_objects, tokenizer_condition, to_tensor
 from kelix.dit.trainer import DiTData, eval_loss, grid_image, per_example_loss, train_dit
+from kelix.files import replace_atomically
 
 CACHE = "cond_cache.safetensors"
 PREVIEW = 8
@@ -56,9 +56,7 @@ def _cached(path: Path, keys: list[str], compute: Callable[[], dict[str, torch.T
             if (fh.metadata() or {}).get("keys") == digest:
                 return load_file(path)
     tensors = {k: v.contiguous() for k, v in compute().items()}
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    save_file(tensors, tmp, metadata={"keys": digest})
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"keys": digest}))
     return tensors
 
 
@@ -230,9 +228,7 @@ def sft(ctx) -> dict[str, float]:
     upstream_cache = ctx.input("dit-1") / CACHE
     cache_path = ctx.out_dir / CACHE
     if upstream_cache.exists() and not cache_path.exists():
-        tmp = cache_path.with_name(f"{cache_path.name}.tmp-{os.getpid()}")  # torchrun ranks copy side by side
-        shutil.copyfile(upstream_cache, tmp)
-        os.replace(tmp, cache_path)
+        replace_atomically(cache_path, lambda tmp: shutil.copyfile(upstream_cache, tmp))  # ranks copy side by side
     records, images, data, val_records, val_images, val = _llm_data(ctx, tokenizer, llm, text_tok, cache_path, model)
     errors = per_example_loss(model, data)
     keep = torch.tensor(select_sft(records, images, errors, dcfg.sft_fraction))

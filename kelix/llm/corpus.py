@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kelix.data.reader import iter_records, load_images
-from kelix.hashing import file_sha256
+from kelix.files import file_sha256, replace_atomically
 from kelix.llm.sequences import Batch, SequenceBuilder, collate
 from kelix.train.sampler import StepSampler
 
@@ -82,10 +81,9 @@ def load_splits(data_dir: Path, tokenizer, tokenizer_dir: Path, out_dir: Path, d
     else:
         out = {s: encode_split(data_dir, s, tokenizer, device) for s in splits}
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Written under a per-process name and renamed: torchrun ranks encode the same codes side by side.
-    tmp = out_dir / f"{CODES_FILE}.tmp-{os.getpid()}"
-    save_file({s: sp.codes.to(torch.int32).contiguous() for s, sp in out.items()}, tmp, metadata={"fingerprint": fingerprint})
-    os.replace(tmp, out_dir / CODES_FILE)
+    # torchrun ranks encode the same codes side by side: each writes its own temporary file and renames it.
+    codes = {s: sp.codes.to(torch.int32).contiguous() for s, sp in out.items()}
+    replace_atomically(out_dir / CODES_FILE, lambda tmp: save_file(codes, tmp, metadata={"fingerprint": fingerprint}))
     return out
 
 

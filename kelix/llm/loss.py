@@ -35,7 +35,7 @@ def nbp_loss(llm: KelixLLM, batch: Batch, global_counts: Callable[[torch.Tensor]
 
     text, image = batch.kinds == TEXT, batch.kinds == IMAGE
     local = torch.stack([text.sum(), image.sum()]).double().cpu()
-    counts = global_counts(local.clone()) if global_counts is not None else local
+    counts = global_counts(local) if global_counts is not None else local
     # Sum over this rank's tokens / tokens in the global batch * world size (= the local mean on one process).
     scale = (world_size / counts.clamp_min(1)).tolist()
     eob_scale = world_size / max(float(counts.sum()), 1.0)

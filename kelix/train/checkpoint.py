@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kelix.hashing import file_sha256
+from kelix.files import file_sha256
 
 PREFIX = "step_"
 

@@ -112,7 +112,7 @@ def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
 def save_dcp(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
     """Every rank writes its shard into one folder (a shared filesystem); rank 0 finishes it atomically."""
-    from kelix.hashing import file_sha256
+    from kelix.files import file_sha256
     from kelix.train.checkpoint import PREFIX, list_checkpoints
 
     ckpt_dir = Path(ckpt_dir)

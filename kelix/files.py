@@ -1,0 +1,25 @@
+"""File helpers: content hashes (checkpoints, bundles and caches verify what they read against them) and
+atomic replacement (readers, and torchrun ranks writing the same cache, never see a half-written file)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (checkpoints are larger than we want in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def replace_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` under a per-process temporary name beside `path`, then rename it onto `path`."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
