@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -94,14 +95,25 @@ class AuxDecoder(nn.Module):
         # Only the text positions need the LM head (the prefix has no targets).
         return self.lm(inputs_embeds=inputs, use_cache=False, logits_to_keep=ids.shape[1], **kwargs).logits
 
-    def packed_losses(self, prefix: torch.Tensor, packed: Packed) -> dict[str, torch.Tensor]:
-        """Mean next-token loss of each kind of segment present ('caption', 'qa')."""
+    def packed_losses(self, prefix: torch.Tensor, packed: Packed,
+                      global_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      world_size: int = 1) -> dict[str, torch.Tensor]:
+        """Mean next-token loss of each kind of segment present ('caption', 'qa').
+
+        Under data parallelism `global_counts` (an all-reduce) makes each term the sum over this rank's tokens
+        divided by the global batch's token count, times the world size, as in kelix/llm/loss.py: ranks hold
+        different numbers of caption and answer tokens, and a per-rank mean would weight tokens unequally.
+        """
         logits = self.logits(prefix, packed.ids, packed).float()
         flat = logits.reshape(-1, logits.shape[-1])
+        kinds = (("caption", packed.caption_targets.reshape(-1)), ("qa", packed.qa_targets.reshape(-1)))
+        local = torch.stack([(t != IGNORE).sum() for _, t in kinds]).double().cpu()
+        counts = global_counts(local) if global_counts is not None else local
         out = {}
-        for kind, targets in (("caption", packed.caption_targets), ("qa", packed.qa_targets)):
-            if bool((targets != IGNORE).any()):
-                out[kind] = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE)
+        for (kind, targets), count in zip(kinds, counts.tolist()):
+            if count > 0:  # every rank takes the same branches: the counts are global
+                total = F.cross_entropy(flat, targets, ignore_index=IGNORE, reduction="sum")
+                out[kind] = total * (world_size / count)
         return out
 
     @torch.no_grad()

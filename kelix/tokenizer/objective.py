@@ -13,6 +13,7 @@ from torch import nn
 
 from kelix.tokenizer.aux_decoder import AuxDecoder
 from kelix.tokenizer.model import KelixTokenizer
+from kelix.train import distributed
 from kelix.train.config import TrainConfig
 
 TASKS = {"align": ("caption",), "pretrain": ("caption", "qa"), "anneal": ("qa",)}
@@ -55,7 +56,7 @@ def make_step_fn(task: str):
     def step_fn(model: TokenizerTrainer, batch) -> tuple[torch.Tensor, dict[str, float]]:
         images, packed = batch
         emb, codes, quant_loss, stats = model.tokenizer(images)
-        losses = model.aux.packed_losses(emb, packed)
+        losses = model.aux.packed_losses(emb, packed, distributed.sum_across_ranks, distributed.world_size())
         # Caption and VQA losses are averaged over their own tokens and added, so the many caption tokens
         # do not drown the one-word answers in stage 2.
         loss = quant_loss + sum(losses.values())
@@ -75,7 +76,7 @@ def warmup_step_fn(model: TokenizerTrainer, batch) -> tuple[torch.Tensor, dict[s
     images, packed = batch
     with torch.no_grad():
         emb = model.tokenizer(images)[0]
-    losses = model.aux.packed_losses(emb, packed)
+    losses = model.aux.packed_losses(emb, packed, distributed.sum_across_ranks, distributed.world_size())
     return sum(losses.values()), {f"{k}_loss": float(v.detach()) for k, v in losses.items()}
 
 
