@@ -21,8 +21,8 @@ class RuntimeConfig:
     # "auto" picks cuda when available, else cpu.
     device: str = "auto"
     num_threads: int = 0
-    # "none" | "ddp" | "fsdp": how the shared training loop shards under torchrun. Stage runs take "ddp" only
-    # (kelix/stages.py says why); "fsdp" is for loops whose whole step is one forward.
+    # "none" | "ddp" | "fsdp": how the shared training loop shards under torchrun ("none" = ddp when
+    # torchrun starts several processes). fsdp shards weights, gradients and optimiser state (kelix/train/loop.py).
     distributed: str = "none"
     deterministic: bool = True
     # Stage name -> resources; stages not listed get `default_resources`.

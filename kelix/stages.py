@@ -301,14 +301,6 @@ def _join_torchrun(cfg: KelixConfig) -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         os.environ.setdefault(distributed.ENV_STRATEGY, cfg.runtime.distributed if cfg.runtime.distributed != "none" else "ddp")
-        if os.environ[distributed.ENV_STRATEGY] == "fsdp":
-            from kelix.cli import UserError
-
-            # Seen: a 2-process llm-1 under FSDP2 hangs. The stages call their models outside the sharded
-            # forward (embedding tables, codebooks, EMA, evaluation) and write weights with save_pretrained.
-            raise UserError("the stages run under torchrun with ddp only; set runtime.distributed=ddp "
-                            f"(or {distributed.ENV_STRATEGY}=ddp). FSDP2 is supported by the shared training loop "
-                            "(kelix/train/loop.py) for models whose whole step runs in one forward.")
         distributed.init_from_env()
 
 

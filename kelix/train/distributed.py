@@ -71,18 +71,26 @@ def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
     from torch.distributed.fsdp import fully_shard
 
-    # Shard each block that holds trainable weights, then the root, so peak memory is one block's full weights.
-    for module in list(model.modules())[1:]:
-        if isinstance(module, torch.nn.ModuleList):
-            for block in module:
-                if any(p.requires_grad for p in block.parameters()):
-                    fully_shard(block)
+    # One FSDP unit, the root: weights are gathered once per step and gradients reduce-scattered once at its
+    # end. Per-block units would save more memory, but each unit's all-gather runs when its block is called,
+    # and ranks call blocks different numbers of times (a rank whose batch holds no image target skips the
+    # Block Decoder's image pass): the collectives no longer pair up and the job hangs (seen on llm-1).
+    # Gradients and optimiser state stay sharded, 12 of AdamW's 16 bytes per parameter.
     fully_shard(model)
     return model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def gather_full(sharded: torch.nn.Module, whole: torch.nn.Module) -> None:
+    """Load the full weights and buffers of an FSDP2-sharded module into its unsharded twin, on every rank
+    (a collective: every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    whole.load_state_dict(full)
 
 
 def world_size() -> int:

@@ -10,6 +10,7 @@ run killed at step k and resumed gives the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
+import copy
 import random
 import time
 from dataclasses import dataclass, field
@@ -146,11 +147,16 @@ def train(
         if missing:
             raise RuntimeError(f"checkpoint {ckpt.path} does not match this stage's model (missing {sorted(missing)[:3]})")
         model.load_state_dict(ckpt.model_state, strict=False)
-    forward_step = distributed.wrap(_StepModule(model, step_fn), info) if info else (lambda batch: step_fn(model, batch))
-    optimizer = build_optimizer(_groups_from_names(model, named_groups), cfg)
+    # FSDP2 shards the module it is given in place. Sharding a copy keeps `model` whole: it is brought up to date
+    # from the shards whenever the stage looks at it (checkpoint callbacks, the end), so everything a stage does
+    # outside the training step (EMA, previews, evaluation, save_pretrained) runs as on one process.
+    fsdp = info is not None and info.strategy == "fsdp"
+    trained = copy.deepcopy(model) if fsdp else model
+    forward_step = distributed.wrap(_StepModule(trained, step_fn), info) if info else (lambda batch: step_fn(model, batch))
+    optimizer = build_optimizer(_groups_from_names(trained, named_groups), cfg)
     if ckpt is not None:
         if ckpt.meta.get("format") == "dcp":
-            distributed.load_dcp(ckpt.path, model, optimizer)
+            distributed.load_dcp(ckpt.path, trained, optimizer)
         elif info is None or info.strategy == "ddp":
             optimizer.load_state_dict(ckpt.train_state["optimizer"])
             torch.set_rng_state(ckpt.train_state["torch_rng"])
@@ -159,7 +165,7 @@ def train(
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
     stopped = False
-    model.train()
+    trained.train()
     bar = tqdm(total=cfg.num_steps, initial=start, desc=desc, disable=not (progress and main), dynamic_ncols=True, leave=False)
     step = start
     while step < cfg.num_steps:
@@ -191,17 +197,21 @@ def train(
         if step % cfg.checkpoint_every == 0 or step == cfg.num_steps or over_budget:
             extra = {"desc": desc, "loss": metrics.get("loss")}
             if info is not None:
-                distributed.save_dcp(ckpt_dir, step, model, optimizer, extra=extra)
+                distributed.save_dcp(ckpt_dir, step, trained, optimizer, extra=extra)
             else:
                 save_checkpoint(
                     ckpt_dir, step, trainable_state(model),
                     {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, extra=extra,
                 )
             if on_checkpoint:
+                if fsdp:
+                    distributed.gather_full(trained, model)
                 on_checkpoint(step)
         if over_budget:
             stopped = True
             break
     bar.close()
+    if fsdp:
+        distributed.gather_full(trained, model)
     return TrainResult(step=step, resumed_from=start, metrics=metrics, seconds=time.perf_counter() - t0,
                        stopped_by_budget=stopped)
