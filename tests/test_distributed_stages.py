@@ -139,13 +139,14 @@ def test_two_process_stage_follows_the_single_process_run(base, tmp_path, name, 
     assert json.loads((out2 / "checkpoints" / "step_0000006" / "meta.json").read_text())["format"] == "dcp"
 
 
-def test_killed_two_process_llm_stage_resumes_on_one_process(base, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_killed_two_process_llm_stage_resumes_on_one_process(base, tmp_path, strategy):
     inputs = TOKENIZER_STAGES
     steps = [o for o in OVERRIDES if not o.startswith("llm.train1.num_steps")] + ["llm.train1.num_steps=40"]
     ref, killed = _store(base, tmp_path, "ref", inputs), _store(base, tmp_path, "killed", inputs)
     _run("llm-1", 1, base / "data", ref, tmp_path, steps)
 
-    proc = subprocess.Popen(_cmd("llm-1", 2, base / "data", killed, steps), cwd=tmp_path, env=_env(),
+    proc = subprocess.Popen(_cmd("llm-1", 2, base / "data", killed, steps), cwd=tmp_path, env=_env(strategy),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     ckpts = killed / "llm-1"
