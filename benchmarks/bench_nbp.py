@@ -33,12 +33,16 @@ PROMPTS = SENTENCES[:4]
 def time_once(llm, text_tok, prompts, mode: str, cfg_scale: float) -> float:
     t0 = time.perf_counter()
     generate_codes(llm, text_tok, prompts, cfg_scale=cfg_scale, seed=0, mode=mode)
+    if llm.device.type == "cuda":
+        torch.cuda.synchronize(llm.device)
     return time.perf_counter() - t0
 
 
-def bench(cfg, num_codebooks: int, batch_sizes: list[int], repeats: int, cfg_scale: float, text_tok) -> list[dict]:
+def bench(cfg, num_codebooks: int, batch_sizes: list[int], repeats: int, cfg_scale: float, text_tok,
+          device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[dict]:
     tok = cfg.tokenizer
-    llm = toy_llm(text_tok, cfg.llm, num_codebooks, tok.codebook_size, tok.num_positions, tok.code_dim).eval()
+    llm = toy_llm(text_tok, cfg.llm, num_codebooks, tok.codebook_size, tok.num_positions, tok.code_dim)
+    llm = llm.to(device=device, dtype=dtype).eval()
     rows = []
     for b in batch_sizes:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b)]
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (decoding tiny tensors gains nothing from more, and a shared CPU hurts)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--bf16", action="store_true", help="weights and activations in bfloat16 (GPU timings)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -76,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     text_tok = toy_text_tokenizer()
     print(f"LLM {cfg.llm.num_layers} layers x {cfg.llm.hidden_size}, Block Decoder {cfg.llm.bd_num_layers} x "
           f"{cfg.llm.bd_hidden_size} ({cfg.llm.block_decoder}); S={cfg.tokenizer.codebook_size}, "
-          f"P={cfg.tokenizer.num_positions}; cfg_scale={args.cfg_scale}; threads={args.threads}")
-    rows = [r for n in ns for r in bench(cfg, n, batches, args.repeats, args.cfg_scale, text_tok)]
+          f"P={cfg.tokenizer.num_positions}; cfg_scale={args.cfg_scale}; threads={args.threads}; {args.device}"
+          f"{' bf16' if args.bf16 else ''}")
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    rows = [r for n in ns for r in bench(cfg, n, batches, args.repeats, args.cfg_scale, text_tok, args.device, dtype)]
     print(f"{'N':>3} {'batch':>5} {'LLM steps nbp/flat':>19} {'nbp img/s':>10} {'flat img/s':>11} {'speedup':>8}")
     for r in rows:
         steps = f"{r['nbp_llm_steps']}/{r['flat_llm_steps']}"

@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--peak-size", type=int, default=0, help="matmul side for the peak (default 8192 GPU, 1024 CPU)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each Qwen3 decoder layer and the Block Decoder (fuses the elementwise work)")
+    parser.add_argument("--profile", action="store_true", help="also print the top operators of one step (torch.profiler)")
     args = parser.parse_args(argv)
 
     cfg = load_config("tiny" if args.tiny else args.preset, None, args.overrides)
@@ -96,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                                num_positions=tok.num_positions)
     llm.fold_visual_embeddings()  # stage 2 onward: one table, every parameter trains
     llm.to(device).train()
+    if args.compile:
+        for layer in llm.lm.model.layers:
+            layer.compile()
+        llm.block_decoder.compile()
     batch_size = args.batch_size or cfg.llm.train2.batch_size
     batch = synthetic_batch(llm, batch_size, tok.num_positions, args.text_len).to(device)
     opt = torch.optim.AdamW(llm.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -120,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     _sync(device)
     step_s = (time.perf_counter() - t0) / args.steps
 
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            step()
+            _sync(device)
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=60))
     peak = matmul_peak(device, dtype, args.peak_size or (8192 if device.type == "cuda" else 1024))
     real = batch.attention_mask.bool()
     blocks = int(real.sum())
