@@ -5,9 +5,13 @@ preset's real size with no memory, so parameter counts are exact. FLOPs and memo
 assumptions (printed with the table):
 - FLOPs per step = 2*P*T forward + 2*P*T activation gradients + 2*P_trainable*T weight gradients, plus
   attention's 4*L*S^2*d per sequence forward (x3 with backward); P counts the weights a token passes through.
-- Memory per GPU under FSDP = (16 bytes per trainable parameter: fp32 weight, gradient and two Adam moments,
-  + 2 bytes per frozen bf16 parameter) / GPUs + activations with per-layer checkpointing
-  (~ 2 bytes x tokens per GPU x width x (layers + 10)).
+- Memory per GPU under FSDP2 as the shared loop runs it (kelix/train/loop.py, distributed.wrap), fp32 weights:
+  sharded state (16 bytes per trainable parameter: weight, gradient, two Adam moments; 4 per frozen) / GPUs
+  + the loop's unsharded copy of the model (4 bytes per parameter)
+  + gathered weights: the root unit whole (4 x its parameters) and two units in flight (the LLM's decoder
+    layers are units; the other models are one root unit)
+  + the root unit's unsharded gradients before their reduce-scatter (4 x its trainable parameters)
+  + activations with per-layer checkpointing (~ 2 bytes x tokens per GPU x width x (layers + 10)).
 - GPU-hours = steps x FLOPs per step / (GPUs x peak x MFU).
 """
 from __future__ import annotations
@@ -30,6 +34,8 @@ class Part:
     seq_len: int
     width: int
     layers: int
+    # Parameters inside FSDP units of their own (the LLM's decoder layers); the rest is the root unit.
+    unit_params: int = 0
 
 
 @dataclass
@@ -83,7 +89,7 @@ def build_parts(cfg: KelixConfig) -> dict:
         "aux": Part("aux decoder (Qwen3)", aux_total, aux_total, t.num_positions + t.max_text_len,
                     t.num_positions + t.max_text_len, t.aux_hidden_size, t.aux_num_layers),
         "llm": Part("unified LLM (Qwen3 + block enc/dec)", llm_total, llm_total, ll.max_blocks, ll.max_blocks,
-                    ll.hidden_size, ll.num_layers),
+                    ll.hidden_size, ll.num_layers, sum(p.numel() for m in llm.decoder_layers() for p in m.parameters())),
         "block_decoder": Part("block decoder", bd_params, bd_params, ll.max_blocks * (t.num_codebooks + 1),
                               t.num_codebooks + 1, ll.bd_hidden_size, ll.bd_num_layers),
         "dit": Part("DiT (SANA)" + (" + frozen DC-AE" if autoencoder is not None else ""), dit_total, dit_train,
@@ -101,9 +107,15 @@ def _flops(part: Part, batch: int, trainable: int | None = None) -> float:
 
 
 def _memory_gb(parts: list[tuple[Part, int]], batch: int, gpus: int) -> float:
-    states = sum(16 * trainable + 2 * (p.params - trainable) for p, trainable in parts) / gpus
-    acts = sum(2 * max(1, batch // gpus) * p.tokens_per_example * p.width * (p.layers + 10) for p, _ in parts)
-    return (states + acts) / 1e9
+    total = 0.0
+    for p, trainable in parts:
+        root = p.params - p.unit_params
+        in_flight = 2 * p.unit_params / max(1, p.layers) if p.unit_params else 0
+        sharded = (16 * trainable + 4 * (p.params - trainable)) / gpus
+        gathered = 4 * (root + in_flight) + 4 * trainable * root / max(1, p.params)
+        acts = 2 * max(1, batch // gpus) * p.tokens_per_example * p.width * (p.layers + 10)
+        total += sharded + 4 * p.params + gathered + acts
+    return total / 1e9
 
 
 def plan(cfg: KelixConfig, gpus: int, peak_tflops: float, mfu: float) -> tuple[dict, list[StagePlan]]:

@@ -25,7 +25,7 @@ from small_config import SMALL, schedules
 pytestmark = pytest.mark.slow
 
 OVERRIDES = [*SMALL, *schedules("num_steps=6", "batch_size=8", "checkpoint_every=2", "log_every=1",
-                                 sections=("tokenizer.train1", "llm.train1", "dit.train_ae"))]
+                                 sections=("tokenizer.train1", "llm.train1", "llm.train2", "dit.train_ae"))]
 
 
 def _cmd(name: str, nproc: int, data: Path, store: Path, overrides: list[str]) -> list[str]:
@@ -88,7 +88,7 @@ def _assert_lands_together(start: dict, one: dict, two: dict, share: float) -> N
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """Data and the single-process tokenizer stages every other stage reads."""
+    """Data and the single-process tokenizer stages and llm-1 that the tested stages read."""
     from kelix.config import load_config
     from kelix.data.shapes import generate_shapes
     from kelix.stages import run_stage
@@ -96,7 +96,7 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     generate_shapes(root / "data", num_train=128, num_val=32, num_test=32, seed=0, image_size=64)
     cfg = load_config("tiny", overrides=OVERRIDES)
-    for name in ("tokenizer-1", "tokenizer-2", "tokenizer-3"):
+    for name in ("tokenizer-1", "tokenizer-2", "tokenizer-3", "llm-1"):
         run_stage(name, cfg, root / "data", str(root / "base"), progress=False)
     return root
 
@@ -109,7 +109,7 @@ def _store(base: Path, tmp: Path, name: str, keep: tuple[str, ...]) -> Path:
     return store
 
 
-SCHEDULE = {"tokenizer-1": "tokenizer.train1", "llm-1": "llm.train1", "aedit": "dit.train_ae"}
+SCHEDULE = {"tokenizer-1": "tokenizer.train1", "llm-1": "llm.train1", "llm-2": "llm.train2", "aedit": "dit.train_ae"}
 
 
 def _start(base: Path, tmp: Path, name: str, inputs: tuple[str, ...], overrides: list[str] = OVERRIDES) -> dict:
@@ -123,7 +123,12 @@ TOKENIZER_STAGES = ("tokenizer-1", "tokenizer-2", "tokenizer-3")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("name, inputs", [("tokenizer-1", ()), ("llm-1", TOKENIZER_STAGES), ("aedit", TOKENIZER_STAGES)])
+@pytest.mark.parametrize("name, inputs", [
+    ("tokenizer-1", ()),
+    ("llm-1", TOKENIZER_STAGES),  # Qwen3 frozen; under FSDP2 its decoder layers are units of their own
+    ("llm-2", (*TOKENIZER_STAGES, "llm-1")),  # every LLM weight trains
+    ("aedit", TOKENIZER_STAGES),
+])
 def test_two_process_stage_follows_the_single_process_run(base, tmp_path, name, inputs, strategy):
     one, two = _store(base, tmp_path, "one", inputs), _store(base, tmp_path, "two", inputs)
     _run(name, 1, base / "data", one, tmp_path)

@@ -16,6 +16,11 @@ def test_paper_preset_on_meta_device():
     assert parts["block_decoder"].params < 20e6  # 1 layer, width 512
     assert [s.stage for s in stages][:3] == ["tokenizer-1", "tokenizer-2", "tokenizer-3"]
     assert all(s.gpu_hours > 0 and s.memory_gb > 0 for s in stages)
+    # The Qwen3 decoder layers are FSDP units of their own; every rank also keeps the loop's unsharded fp32
+    # copy of the model, so an LLM stage needs at least 4 bytes per LLM parameter on each GPU.
+    assert 0.7 * llm < parts["llm"].unit_params < llm
+    llm2 = next(s for s in stages if s.stage == "llm-2")
+    assert 4 * llm / 1e9 < llm2.memory_gb < 141
     # stage 2 trains the ViT too, so it costs more per step than stage 1
     assert stages[1].flops_per_step > stages[0].flops_per_step
     text = format_plan(cfg, parts, stages, 64, 989.0, 0.4)

@@ -145,6 +145,10 @@ class KelixLLM(nn.Module):
         """Stage 2: one embedding table; the visual projection is gone from here on."""
         self.block_encoder.fold(self.lm.model.embed_tokens)
 
+    def decoder_layers(self) -> list[nn.Module]:
+        """Qwen3's decoder layers: every forward runs each exactly once (a sharding unit for data parallelism)."""
+        return list(self.lm.model.layers)
+
     def embedding_table(self) -> torch.Tensor:
         return self.block_encoder.table(self.lm.model.embed_tokens.weight)
 

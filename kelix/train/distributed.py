@@ -15,7 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -64,18 +64,22 @@ def is_main_process() -> bool:
     return info is None or info.is_main
 
 
-def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """DDP replicates and all-reduces gradients; FSDP2 shards parameters, gradients and optimiser state."""
+def wrap(model: torch.nn.Module, info: DistInfo, units: Iterable[torch.nn.Module] = ()) -> torch.nn.Module:
+    """DDP replicates and all-reduces gradients; FSDP2 shards parameters, gradients and optimiser state.
+
+    Under FSDP2 each module of `units` is its own unit (its weights are gathered only while it runs), the rest
+    is one root unit (gathered once per step). A unit's all-gather runs when the unit is called, so units must
+    be modules every rank calls equally often in a step, such as an LLM's decoder layers. The Block Decoder is
+    not one: a rank whose batch holds no image target skips its image pass, the collectives no longer pair
+    up, and the job hangs (seen on llm-1 when every ModuleList block was a unit).
+    """
     if info.strategy == "ddp":
         device_ids = [info.local_rank] if torch.cuda.is_available() else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
     from torch.distributed.fsdp import fully_shard
 
-    # One FSDP unit, the root: weights are gathered once per step and gradients reduce-scattered once at its
-    # end. Per-block units would save more memory, but each unit's all-gather runs when its block is called,
-    # and ranks call blocks different numbers of times (a rank whose batch holds no image target skips the
-    # Block Decoder's image pass): the collectives no longer pair up and the job hangs (seen on llm-1).
-    # Gradients and optimiser state stay sharded, 12 of AdamW's 16 bytes per parameter.
+    for unit in units:
+        fully_shard(unit)
     fully_shard(model)
     return model
 

@@ -129,8 +129,12 @@ def train(
     logger: MetricLogger | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
     progress: bool = True,
+    fsdp_units: Callable[[torch.nn.Module], Iterable[torch.nn.Module]] | None = None,
 ) -> TrainResult:
-    """Train `model` for `cfg.num_steps` optimiser steps, resuming from `run_dir/checkpoints` if present."""
+    """Train `model` for `cfg.num_steps` optimiser steps, resuming from `run_dir/checkpoints` if present.
+
+    `fsdp_units(m)` names the submodules of `m` that FSDP2 shards as their own units (distributed.wrap says
+    which qualify); without it the whole model is one unit."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     info = distributed.current()
@@ -152,7 +156,9 @@ def train(
     # outside the training step (EMA, previews, evaluation, save_pretrained) runs as on one process.
     fsdp = info is not None and info.strategy == "fsdp"
     trained = copy.deepcopy(model) if fsdp else model
-    forward_step = distributed.wrap(_StepModule(trained, step_fn), info) if info else (lambda batch: step_fn(model, batch))
+    units = list(fsdp_units(trained)) if fsdp and fsdp_units else []
+    forward_step = (distributed.wrap(_StepModule(trained, step_fn), info, units) if info
+                    else (lambda batch: step_fn(model, batch)))
     optimizer = build_optimizer(_groups_from_names(trained, named_groups), cfg)
     if ckpt is not None:
         if ckpt.meta.get("format") == "dcp":
