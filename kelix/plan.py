@@ -144,17 +144,24 @@ def plan(cfg: KelixConfig, gpus: int, peak_tflops: float, mfu: float) -> tuple[d
     return parts, stages
 
 
-def format_plan(cfg: KelixConfig, parts: dict, stages: list[StagePlan], gpus: int, peak: float, mfu: float) -> str:
-    lines = [f"# kelix plan: preset {cfg.preset}, {gpus} GPUs at {peak:g} TFLOP/s bf16 peak, MFU {mfu:.0%}", "",
+def format_plan(cfg: KelixConfig, parts: dict, stages: list[StagePlan], gpus: int, peak: float, mfu: float,
+                gpu_memory_gb: float = 80.0) -> str:
+    lines = [f"# kelix plan: preset {cfg.preset}, {gpus} GPUs at {peak:g} TFLOP/s bf16 peak, MFU {mfu:.0%}, "
+             f"{gpu_memory_gb:g} GB each", "",
              "| model | parameters | trainable | tokens/example |", "|---|---:|---:|---:|"]
     for part in (p for p in parts.values() if isinstance(p, Part)):
         lines.append(f"| {part.name} | {part.params / 1e6:,.1f} M | {part.trainable / 1e6:,.1f} M | {part.tokens_per_example:,} |")
     lines += ["", "| stage | steps | batch | TFLOPs/step | memory/GPU (FSDP) | GPU-hours |", "|---|---:|---:|---:|---:|---:|"]
     for s in stages:
-        lines.append(f"| {s.stage} | {s.steps:,} | {s.batch:,} | {s.flops_per_step / 1e12:,.1f} | {s.memory_gb:,.1f} GB | {s.gpu_hours:,.1f} |")
+        fits = "" if s.memory_gb <= gpu_memory_gb else " (does not fit)"
+        lines.append(f"| {s.stage} | {s.steps:,} | {s.batch:,} | {s.flops_per_step / 1e12:,.1f} | {s.memory_gb:,.1f} GB{fits} | {s.gpu_hours:,.1f} |")
     total = sum(s.gpu_hours for s in stages)
     lines += ["", f"Total: {total:,.0f} GPU-hours, {total / gpus:,.1f} hours of wall time on {gpus} GPUs.",
               "Estimates: see `kelix/plan.py` for the FLOP and memory model."]
+    too_big = [s.stage for s in stages if s.memory_gb > gpu_memory_gb]
+    if too_big:
+        lines.append(f"{', '.join(too_big)} need more than {gpu_memory_gb:g} GB per GPU: use larger GPUs "
+                     "(--gpu-memory-gb says what you have; an H200 has 141) or more of them (fewer examples per GPU).")
     return "\n".join(lines)
 
 
@@ -163,7 +170,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     parts, stages = plan(cfg, args.gpus, args.peak_tflops, args.mfu)
-    print(format_plan(cfg, parts, stages, args.gpus, args.peak_tflops, args.mfu))
+    print(format_plan(cfg, parts, stages, args.gpus, args.peak_tflops, args.mfu, args.gpu_memory_gb))
     return 0
 
 
@@ -175,4 +182,5 @@ def register(sub) -> None:
     p.add_argument("--gpus", type=int, default=64, help="GPUs in the cluster (default 64)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100 SXM: 989)")
     p.add_argument("--mfu", type=float, default=0.4, help="expected model FLOPs utilisation (default 0.4)")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU; stages above it are flagged (H100: 80)")
     p.set_defaults(func=_cmd)

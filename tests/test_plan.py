@@ -25,6 +25,9 @@ def test_paper_preset_on_meta_device():
     assert stages[1].flops_per_step > stages[0].flops_per_step
     text = format_plan(cfg, parts, stages, 64, 989.0, 0.4)
     assert "GPU-hours" in text and "llm-2" in text
+    # 80 GB GPUs: the LLM's pre-training stage is flagged with what to do; 141 GB GPUs hold every stage.
+    assert "llm-2 |" in text and "(does not fit)" in text and "use larger GPUs" in text
+    assert "does not fit" not in format_plan(cfg, parts, stages, 64, 989.0, 0.4, gpu_memory_gb=141)
 
 
 def test_meta_counts_equal_real_tiny_models():
