@@ -110,7 +110,7 @@ def _memory_gb(parts: list[tuple[Part, int]], batch: int, gpus: int) -> float:
     total = 0.0
     for p, trainable in parts:
         root = p.params - p.unit_params
-        in_flight = 2 * p.unit_params / max(1, p.layers) if p.unit_params else 0
+        in_flight = 2 * p.unit_params / max(1, p.layers)
         sharded = (16 * trainable + 4 * (p.params - trainable)) / gpus
         gathered = 4 * (root + in_flight) + 4 * trainable * root / max(1, p.params)
         acts = 2 * max(1, batch // gpus) * p.tokens_per_example * p.width * (p.layers + 10)
@@ -151,14 +151,14 @@ def format_plan(cfg: KelixConfig, parts: dict, stages: list[StagePlan], gpus: in
              "| model | parameters | trainable | tokens/example |", "|---|---:|---:|---:|"]
     for part in (p for p in parts.values() if isinstance(p, Part)):
         lines.append(f"| {part.name} | {part.params / 1e6:,.1f} M | {part.trainable / 1e6:,.1f} M | {part.tokens_per_example:,} |")
+    too_big = [s.stage for s in stages if s.memory_gb > gpu_memory_gb]
     lines += ["", "| stage | steps | batch | TFLOPs/step | memory/GPU (FSDP) | GPU-hours |", "|---|---:|---:|---:|---:|---:|"]
     for s in stages:
-        fits = "" if s.memory_gb <= gpu_memory_gb else " (does not fit)"
+        fits = " (does not fit)" if s.stage in too_big else ""
         lines.append(f"| {s.stage} | {s.steps:,} | {s.batch:,} | {s.flops_per_step / 1e12:,.1f} | {s.memory_gb:,.1f} GB{fits} | {s.gpu_hours:,.1f} |")
     total = sum(s.gpu_hours for s in stages)
     lines += ["", f"Total: {total:,.0f} GPU-hours, {total / gpus:,.1f} hours of wall time on {gpus} GPUs.",
               "Estimates: see `kelix/plan.py` for the FLOP and memory model."]
-    too_big = [s.stage for s in stages if s.memory_gb > gpu_memory_gb]
     if too_big:
         lines.append(f"{', '.join(too_big)} need more than {gpu_memory_gb:g} GB per GPU: use larger GPUs "
                      "(--gpu-memory-gb says what you have; an H200 has 141) or more of them (fewer examples per GPU).")

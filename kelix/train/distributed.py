@@ -91,10 +91,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def gather_full(sharded: torch.nn.Module, whole: torch.nn.Module) -> None:
     """Load the full weights and buffers of an FSDP2-sharded module into its unsharded twin, on every rank
     (a collective: every rank must call it)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
-    whole.load_state_dict(full)
+    whole.load_state_dict(full_state_dict(sharded, every_rank=True))
 
 
 def world_size() -> int:
@@ -164,10 +161,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded weights on the CPU (a collective under FSDP: every rank must call it; use them on rank 0)."""
+def full_state_dict(model: torch.nn.Module, every_rank: bool = False) -> dict[str, torch.Tensor]:
+    """Unsharded weights (a collective under FSDP: every rank must call it). By default on the CPU of rank 0
+    only (use them there); `every_rank` gives each rank the weights on the model's device."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     if current() is None:
         return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+    return get_model_state_dict(unwrap(model), options=options)
