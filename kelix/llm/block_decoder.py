@@ -48,12 +48,14 @@ class _Layer(nn.Module):
         m, t, w = x.shape
         qkv = _linear(_norm(x, self.norm1), self.qkv)
         q, k, v = qkv.view(m, t, 3, self.num_heads, w // self.num_heads).permute(2, 0, 3, 1, 4)
+        # One new query against a cache sees every cached key; a sequence from the block's start is causal.
+        # Decided from the cache, a Python fact, not from `t`: torch.compile traces `t` as a symbol.
+        causal = not cache
         if cache is not None:
             if cache:
                 k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
             cache[:] = [k, v]
-        # One new query against a cache sees every cached key; a full sequence is causal.
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         x = x + _linear(a.transpose(1, 2).reshape(m, t, w), self.out)
         return x + _linear(F.gelu(_linear(_norm(x, self.norm2), self.up), approximate="tanh"), self.down)
 
