@@ -6,6 +6,7 @@ dit-2 reusing dit-1's cache and weights, a rerun resuming instead of retraining,
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -89,8 +90,17 @@ def test_stages_end_to_end(upstream):
     images = generate_images(llm, text_tok, dit, prompts, cfg_scale=2.0, seed=3, steps=2, guidance_scale=2.0,
                              batch_size=2)
     assert len(images) == 3 and all(im.size == (64, 64) and im.mode == "RGB" for im in images)
-    assert [im.tobytes() for im in images] == [im.tobytes() for im in generate_images(
-        llm, text_tok, dit, prompts, cfg_scale=2.0, seed=3, steps=2, guidance_scale=2.0, batch_size=2)]
+    # Seeded per image: one at a time gives the same images as batches of two.
+    alone = generate_images(llm, text_tok, dit, prompts, cfg_scale=2.0, seed=3, steps=2, guidance_scale=2.0, batch_size=1)
+    assert _max_diff(images, alone) <= 1
+    assert _max_diff(images[:1], images[2:]) > 1  # same prompt, seeds 3 and 5: the check can fail
     originals = [Image.open(p).convert("RGB") for p in sorted((data / "images" / "val").glob("*.png"))[:3]]
     recon = reconstruct(tok, aedit_model, originals, steps=2, seed=0)
     assert len(recon) == 3 and all(im.size == (64, 64) for im in recon)
+    recon_alone = reconstruct(tok, aedit_model, originals, steps=2, seed=0, batch_size=1)
+    assert _max_diff(recon, recon_alone) <= 1
+
+
+def _max_diff(a: list[Image.Image], b: list[Image.Image]) -> int:
+    """Largest pixel difference between two lists of images (batched float maths may round 1 level apart)."""
+    return max(int(np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max()) for x, y in zip(a, b))

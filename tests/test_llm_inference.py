@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kelix.llm.inference import answer_codes, generate_codes, image_hidden_states
+from kelix.llm.inference import answer_codes, generate_codes, image_hidden_states, sample
 from kelix.llm.toy import toy_llm, toy_text_tokenizer
 
 N, S, P = 4, 32, 6
@@ -36,7 +36,9 @@ def test_greedy_codes_with_kv_cache_equal_without(llm, text_tok):
 def test_greedy_answers_with_kv_cache_equal_without(llm, text_tok):
     codes = torch.randint(0, S, (3, P, N), generator=torch.Generator().manual_seed(0))
     qs = ["What colour is the circle?", "How many objects are there?", "Is there a red star?"]
-    assert answer_codes(llm, text_tok, codes, qs, use_cache=True) == answer_codes(llm, text_tok, codes, qs, use_cache=False)
+    cached = answer_codes(llm, text_tok, codes, qs, use_cache=True)
+    assert cached == answer_codes(llm, text_tok, codes, qs, use_cache=False)
+    assert all(cached) and len(set(cached)) > 1  # real, differing answers, so the comparison can fail
 
 
 def test_batched_left_padded_answers_equal_one_at_a_time(llm, text_tok):
@@ -45,6 +47,7 @@ def test_batched_left_padded_answers_equal_one_at_a_time(llm, text_tok):
     together = answer_codes(llm, text_tok, codes, qs)
     alone = [answer_codes(llm, text_tok, codes[i: i + 1], qs[i: i + 1])[0] for i in range(2)]
     assert together == alone
+    assert all(together)
 
 
 def test_cfg_scale_one_equals_no_guidance(llm, text_tok):
@@ -58,6 +61,41 @@ def test_sampling_is_seeded(llm, text_tok):
     a = generate_codes(llm, text_tok, PROMPTS, seed=5, top_k=8, top_p=0.9)
     assert torch.equal(a, generate_codes(llm, text_tok, PROMPTS, seed=5, top_k=8, top_p=0.9))
     assert not torch.equal(a, generate_codes(llm, text_tok, PROMPTS, seed=6, top_k=8, top_p=0.9))
+
+
+def test_greedy_flat_codes_with_kv_cache_equal_without(llm, text_tok):
+    cached = generate_codes(llm, text_tok, PROMPTS, temperature=0, mode="flat")
+    assert torch.equal(cached, generate_codes(llm, text_tok, PROMPTS, temperature=0, mode="flat", use_cache=False))
+
+
+def test_a_prompts_codes_do_not_depend_on_its_batch(llm, text_tok):
+    together = generate_codes(llm, text_tok, PROMPTS, seed=5, temperature=1.5)
+    for i, prompt in enumerate(PROMPTS):
+        assert torch.equal(together[i], generate_codes(llm, text_tok, [prompt], seed=5 + i, temperature=1.5)[0])
+    # Sampled at this temperature, a different seed gives different codes, so the comparison can fail.
+    assert not torch.equal(together[1], generate_codes(llm, text_tok, [PROMPTS[1]], seed=5, temperature=1.5)[0])
+
+
+def test_top_k_and_top_p_keep_only_the_likeliest_ids():
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    u = torch.rand(64, generator=torch.Generator().manual_seed(1))
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample(logits, 1.0, 1, 1.0, u), greedy)
+    assert torch.equal(sample(logits, 1.0, 0, 1e-6, u), greedy)
+    assert torch.equal(sample(logits, 0.0, 0, 1.0, u), greedy)
+    top3 = logits.topk(3).indices
+    many = torch.stack([sample(logits, 1.0, 3, 1.0, torch.full((64,), q)) for q in torch.linspace(0, 0.999, 50)], 1)
+    assert bool((many[..., None] == top3[:, None]).any(-1).all())
+    assert len(set(many[0].tolist())) == 3  # all three are drawn, so the test sees sampling, not argmax
+    # top_p: the kept ids are the smallest set, likeliest first, holding top_p of the mass.
+    probs = logits.softmax(-1)
+    order = probs.argsort(-1, descending=True)
+    mass = probs.gather(-1, order).cumsum(-1)
+    kept = (mass - probs.gather(-1, order) < 0.5)
+    drawn = torch.stack([sample(logits, 1.0, 0, 0.5, torch.full((64,), q)) for q in torch.linspace(0, 0.999, 50)], 1)
+    for row in range(64):
+        allowed = set(order[row][kept[row]].tolist())
+        assert set(drawn[row].tolist()) <= allowed
 
 
 @pytest.mark.parametrize("mode", ["nbp", "flat"])

@@ -3,7 +3,8 @@
 Text to image: prompt -> the LLM's NBP codes -> the LLM's hidden states at those image positions (teacher
 forcing over its own codes, exactly what DiT-1/2 were trained on) -> DiT sampling -> (DC-AE decode) -> PIL.
 Reconstruction: images -> tokenizer codes -> quantized embeddings -> AE-DiT sampling -> PIL; it measures what
-the discrete tokens keep. Both are batched; DiT noise for image i of a call is seeded with seed + i.
+the discrete tokens keep. Both are batched; image i of a call samples its codes and its DiT noise with seed + i,
+so it does not depend on the batch size or on the other prompts.
 """
 from __future__ import annotations
 

@@ -48,9 +48,15 @@ class _LLMStepper:
         self.h = h[:, -1]
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-           generator: torch.Generator) -> torch.Tensor:
-    """One id per row; temperature 0 is greedy."""
+def seeded_uniforms(rows: int, count: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[rows, count] uniforms in [0, 1); row i is drawn from seed + i on the CPU, so a row's draws depend on
+    neither the batch it is in nor the device (as the DiT's `flow.seeded_noise`)."""
+    draws = [torch.rand(count, generator=torch.Generator().manual_seed(seed + i)) for i in range(rows)]
+    return torch.stack(draws).to(device)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, u: torch.Tensor) -> torch.Tensor:
+    """One id per row; `u` [rows] holds each row's uniform draw in [0, 1). Temperature 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(-1)
     if temperature != 1.0:
@@ -67,8 +73,9 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     # Inverse-CDF draw: same distribution as torch.multinomial at a fraction of its per-call cost, which
     # matters when one id is drawn per code.
     cdf = logits.softmax(-1).cumsum(-1)
-    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u)[:, 0].clamp_max(cdf.shape[-1] - 1)
+    # right=True: the first id whose cdf exceeds the target, so u = 0 cannot land on a dropped (zero-mass) id.
+    target = u.to(cdf)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_max(cdf.shape[-1] - 1)
 
 
 def _text_block(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -119,7 +126,9 @@ def answer(llm: KelixLLM, tokenizer, text_tok: TextTokenizer, images: torch.Tens
 def generate_codes(llm: KelixLLM, text_tok: TextTokenizer, prompts: list[str], cfg_scale: float | None = 3.0,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, *,
                    num_positions: int | None = None, mode: str = "nbp", use_cache: bool = True) -> torch.Tensor:
-    """Image codes [B, P, N] (each in [0, S)) for `prompts`. `cfg_scale=None` runs no unconditional rows."""
+    """Image codes [B, P, N] (each in [0, S)) for `prompts`. `cfg_scale=None` runs no unconditional rows.
+
+    Row i samples with seed + i: a prompt's codes do not depend on the other prompts of the batch."""
     if mode not in ("nbp", "flat"):
         raise ValueError(f"mode must be 'nbp' or 'flat', got {mode!r}")
     num_positions = num_positions or llm.num_positions
@@ -131,15 +140,19 @@ def generate_codes(llm: KelixLLM, text_tok: TextTokenizer, prompts: list[str], c
     seqs = [builder.generation_prompt(p) for p in prompts] + [builder.generation_prompt("")] * (b if guided else 0)
     table = llm.embedding_table()
     lm = _LLMStepper(llm, collate(seqs, v, left_pad=True).to(device), table, use_cache)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    # One draw per code; both modes pick every code of every position exactly once, in the same order.
+    draws = seeded_uniforms(b, num_positions * n, seed, device)
+    drawn = 0
     ranges = [v.codebook_range(i) for i in range(n)]
     heads = [llm.lm.lm_head.weight[start:stop] for start, stop in ranges]
 
     def choose(out: torch.Tensor, i: int) -> torch.Tensor:
+        nonlocal drawn
         logits = F.linear(out, heads[i])
         if guided:
             logits = torch.lerp(logits[b:], logits[:b], cfg_scale)
-        return sample(logits, temperature, top_k, top_p, generator)
+        drawn += 1
+        return sample(logits, temperature, top_k, top_p, draws[:, drawn - 1])
 
     def both(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x]) if guided else x
