@@ -42,8 +42,11 @@ def _image(path: str):
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except UnidentifiedImageError as exc:
-        raise ValueError(f"{path} is not an image PIL can read") from exc
+    except FileNotFoundError:
+        raise
+    # A truncated or damaged file opens (the header is fine) and fails in convert() with OSError/SyntaxError.
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"{path} is not an image PIL can read ({exc}); check the file or save it again") from exc
 
 
 def _save(image, path: str) -> None:

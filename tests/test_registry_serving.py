@@ -140,6 +140,14 @@ def test_use_cli_ask_generate_reconstruct(served, tmp_path, capsys):
     assert main(["ask", str(tmp_path / "in.png"), "q", "--model", "models:/kelix-serve@nope"]) == 2
     assert "no version of 'kelix-serve' has alias 'nope'" in capsys.readouterr().err
     assert main(["ask", str(tmp_path / "missing.png"), "q", "--model", str(served["bundle"])]) == 2
+    assert "missing.png" in capsys.readouterr().err
+    # A truncated PNG opens (its header is intact) and fails when decoded: one line, not a traceback.
+    whole = (tmp_path / "in.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    assert main(["ask", str(tmp_path / "cut.png"), "q", "--model", str(served["bundle"])]) == 2
+    assert "cut.png is not an image PIL can read" in capsys.readouterr().err
+    assert main(["reconstruct", str(tmp_path / "cut.png"), "-o", str(tmp_path / "x.png"), "--model", str(served["bundle"])]) == 2
+    assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.services
