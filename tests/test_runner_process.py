@@ -11,6 +11,7 @@ import dataclasses
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,9 @@ def toy_stage(ctx) -> dict[str, float]:
         raise FileNotFoundError("no such file: weights.safetensors")
     if mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "hang":
+        (ctx.out_dir / "pid").write_text(str(os.getpid()))
+        time.sleep(600)  # silent: no output for the runner to read
     (ctx.out_dir / "model").mkdir(exist_ok=True)
     return {"loss": 0.25, "resumed": float(resumed)}
 
@@ -53,8 +57,8 @@ def setup(tmp_path, monkeypatch):
     return {"cfg": load_config("tiny"), "data": data, "artifacts": str(tmp_path / "artifacts")}
 
 
-def _runner(mode: str) -> SubprocessRunner:
-    return SubprocessRunner(module=MODULE, env={"KELIX_TOY_MODE": mode}, timeout=120)
+def _runner(mode: str, timeout: float = 120) -> SubprocessRunner:
+    return SubprocessRunner(module=MODULE, env={"KELIX_TOY_MODE": mode}, timeout=timeout)
 
 
 def test_stage_runs_in_a_child_logs_into_mlflow_and_is_skipped_after(setup, tmp_path, runner_log):
@@ -100,6 +104,17 @@ def test_rejected_arguments_are_a_config_error(setup):
 def test_a_killed_child_is_transient(setup):
     with pytest.raises(TransientStageError, match="SIGKILL"):
         _runner("kill").run("tokenizer-1", setup["cfg"], setup["data"], setup["artifacts"])
+
+
+def test_a_silent_hang_is_stopped_at_the_timeout(setup):
+    t0 = time.perf_counter()
+    with pytest.raises(TransientStageError, match="ran past the runner's timeout of 20 s") as info:
+        _runner("hang", timeout=20).run("tokenizer-1", setup["cfg"], setup["data"], setup["artifacts"])
+    assert time.perf_counter() - t0 < 60
+    assert "toy tokenizer-1 mode=hang" in info.value.logs  # what it printed before going quiet is kept
+    pid = int(next(Path(setup["artifacts"]).rglob("pid")).read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the child is gone, not left running
 
 
 def test_missing_input_fails_before_starting_a_child(setup):

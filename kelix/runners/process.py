@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,17 +68,23 @@ class SubprocessRunner:
             log.info("%s: %s", name, " ".join(cmd[1:]))
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                     bufsize=1, start_new_session=True)
+            # The output is read on a thread so that the timeout also stops a child that hangs without a word.
+            reader = threading.Thread(target=_forward, args=(proc, name, tail, log), daemon=True)
+            reader.start()
             try:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    line = line.rstrip()
-                    tail.append(line)
-                    log.info("[%s] %s", name, line)
                 rc = proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                _terminate(proc)
+                reader.join(timeout=5)
+                raise TransientStageError(
+                    f"stage {name} (key {key}) ran past the runner's timeout of {self.timeout:g} s and was stopped; "
+                    "a rerun resumes from its last checkpoint (raise the timeout if the stage needs longer)",
+                    stage=name, logs="\n".join(tail)) from None
             except BaseException:
-                # Interrupted (Ctrl-C, timeout, cancelled flow): stop the child's whole process group.
+                # Interrupted (Ctrl-C, cancelled flow): stop the child's whole process group.
                 _terminate(proc)
                 raise
+            reader.join()
         seconds = time.perf_counter() - t0
         if rc == 0:
             return finished_result(store, name, key, seconds)
@@ -93,6 +100,15 @@ class SubprocessRunner:
         if transient:
             raise TransientStageError(f"{where}: {error}", stage=name, logs=logs)
         raise StageFailed(f"{where}: {error or 'see the log lines above'}\n{logs}", stage=name, logs=logs)
+
+
+def _forward(proc: subprocess.Popen, name: str, tail: collections.deque, log) -> None:
+    """Stream the child's output into the flow's log, keeping the last lines for the error message."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail.append(line)
+        log.info("[%s] %s", name, line)
 
 
 def _terminate(proc: subprocess.Popen) -> None:
