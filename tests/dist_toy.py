@@ -48,11 +48,12 @@ def main() -> None:
 
     cfg = TrainConfig(num_steps=args.steps, batch_size=16, lr=1e-2, warmup_steps=2, checkpoint_every=4, log_every=1)
     out = Path(args.out)
-    train(model, [{"params": model.parameters()}], get_batch, step_fn, cfg, out, progress=False)
+    result = train(model, [{"params": model.parameters()}], get_batch, step_fn, cfg, out, progress=False)
     full = distributed.full_state_dict(model)
     if info is None or info.is_main:
         save_file({k: v.clone() for k, v in full.items()}, out / f"final_world{info.world_size if info else 1}.safetensors")
-        (out / "done.json").write_text(json.dumps({"world": info.world_size if info else 1, "pid": os.getpid()}))
+        (out / "done.json").write_text(json.dumps({"world": info.world_size if info else 1, "pid": os.getpid(),
+                                                    "resumed_from": result.resumed_from}))
     if info is not None:
         torch.distributed.destroy_process_group()
 

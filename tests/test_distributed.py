@@ -55,6 +55,7 @@ def test_killed_two_process_run_resumes_on_one_and_on_two(tmp_path):
         assert ckpts == ["step_0000004"]
         assert json.loads((out / "checkpoints" / "step_0000004" / "meta.json").read_text())["format"] == "dcp"
         _run(out, resume_nproc, "ddp")
+        assert json.loads((out / "done.json").read_text())["resumed_from"] == 4  # not a fresh start
         ref = load_file(tmp_path / "ref" / "final_world1.safetensors")
         got = load_file(out / f"final_world{resume_nproc}.safetensors")
         for k in ref:

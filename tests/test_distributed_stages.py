@@ -167,5 +167,6 @@ def test_killed_two_process_llm_stage_resumes_on_one_process(base, tmp_path, str
     _run("llm-1", 1, base / "data", killed, tmp_path, steps)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 40
+    assert metrics["resumed_from_step"] == done[-1]  # picked up the killed run's last checkpoint, not step 0
     assert json.loads((out / "_STATUS.json").read_text())["status"] == "SUCCESS"
     _assert_lands_together(_start(base, tmp_path, "llm-1", inputs, steps), _weights(_out_dir(ref, "llm-1")), _weights(out), 1e-3)

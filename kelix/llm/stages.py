@@ -104,7 +104,8 @@ def run(ctx, stage: int) -> dict[str, float]:
     metrics = {f"train_{k}": v for k, v in result.metrics.items()}
     metrics.update(teacher_forced_losses(llm, text_tok, splits["val"], limit=cfg.val_records))
     metrics.update(vqa_accuracy(llm, text_tok, splits["val"], limit=cfg.val_questions))
-    metrics.update({"steps": float(result.step), "train_seconds": result.seconds,
+    metrics.update({"steps": float(result.step), "resumed_from_step": float(result.resumed_from),
+                    "train_seconds": result.seconds,
                     "train_examples": float(len(train_split.records)),
                     "trainable_parameters": float(sum(p.numel() for p in params))})
     ctx.logger.log(metrics, result.step)
