@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -23,7 +24,7 @@ class RuntimeConfig:
     num_threads: int = 0
     # "none" | "ddp" | "fsdp": how the shared training loop shards under torchrun ("none" = ddp when
     # torchrun starts several processes). fsdp shards weights, gradients and optimiser state (kelix/train/loop.py).
-    distributed: str = "none"
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
     deterministic: bool = True
     # Stage name -> resources; stages not listed get `default_resources`.
     default_resources: Resources = field(default_factory=Resources)

@@ -42,6 +42,10 @@ def test_params_file_then_overrides(tmp_path):
     ("tokenizer.train1=5", "is a section"),
     ("runtime.deterministic=yes please", "must be true or false"),
     ("just-a-word", "must look like section.field=value"),
+    ("runtime.distributed=bogus", "runtime.distributed must be one of 'none', 'ddp', 'fsdp'"),
+    ("tokenizer.quantizer=rvq", "must be one of 'multi', 'single', 'shared', 'continuous'"),
+    ("llm.train2.precision=fp16", "must be one of 'fp32', 'bf16'"),
+    ("dit.latent=vae", "must be one of 'pixel', 'dcae'"),
 ])
 def test_bad_overrides_are_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kelix.train.config import TrainConfig
 
@@ -9,7 +10,7 @@ from kelix.train.config import TrainConfig
 @dataclass
 class DiTConfig:
     # "pixel" (tiny: no autoencoder) | "dcae" (a frozen diffusers AutoencoderDC from `dcae_path`).
-    latent: str = "pixel"
+    latent: Literal["pixel", "dcae"] = "pixel"
     dcae_path: str = ""
     # Image side the DiT produces (before any DC-AE decode), and the side it is resized to at the end.
     image_size: int = 32
@@ -24,15 +25,15 @@ class DiTConfig:
     # cross-attention only as in SANA). The conditions are per image cell, so this is a cheap, strong prior.
     spatial_cond_channels: int = 16
     # "sincos" | "none": position code of the image tokens (SANA-1.0 uses none; a 2-layer model needs one).
-    pos_embed: str = "sincos"
+    pos_embed: Literal["sincos", "none"] = "sincos"
     # What the network outputs: "velocity" (SANA) or "sample" (the clean latent, turned into the velocity it
     # implies; JiT, arXiv 2511.13720: in pixel space the data is low-dimensional but the noise is not, so a
     # narrow network can predict the image where it cannot carry the noise through). The loss is on the
     # velocity either way; `min_sigma` bounds the 1/sigma of the conversion.
-    prediction: str = "velocity"
+    prediction: Literal["velocity", "sample"] = "velocity"
     min_sigma: float = 0.05
     # "logit_normal" | "uniform": flow-matching timestep sampling.
-    timestep_sampling: str = "logit_normal"
+    timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
     # Logit-normal sigma = sigmoid(mean + std * N(0,1)); mean > 0 trains more at high noise, where the condition
     # decides the image (SD3 uses 0, 1; JiT's x-prediction shifts towards noise).
     logit_mean: float = 0.0

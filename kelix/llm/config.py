@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kelix.train.config import TrainConfig
 
@@ -19,13 +20,13 @@ class LLMConfig:
     # Longest training sequence in blocks (one per text token, one per image position); longer ones are cut.
     max_blocks: int = 128
     # "transformer" (the report's Block Decoder) | "parallel" (N+1 independent heads, the ablation).
-    block_decoder: str = "transformer"
+    block_decoder: Literal["transformer", "parallel"] = "transformer"
     bd_hidden_size: int = 64
     bd_num_layers: int = 1
     bd_num_heads: int = 4
     bd_intermediate_size: int = 256
     # "codebook" (rows from the tokenizer's codebooks through a learned projection) | "random" (ablation).
-    visual_embed_init: str = "codebook"
+    visual_embed_init: Literal["codebook", "random"] = "codebook"
     # Learned embedding of each image block's grid position, added to its block input (block_encoder.py).
     image_position_embed: bool = True
     # Share of generation examples whose caption is dropped, for classifier-free guidance.

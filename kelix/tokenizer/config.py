@@ -8,6 +8,7 @@ shape and colour in stage 1 and every question of an image in each step of stage
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kelix.train.config import TrainConfig
 
@@ -28,7 +29,7 @@ class TokenizerConfig:
     # Hidden width of the adapter MLP between the merged patch and the quantizer (0 = vit_hidden_size).
     adapter_hidden_size: int = 0
     # "multi" (Kelix-Tok) | "single" | "shared" | "continuous": the report's quantizer ablation.
-    quantizer: str = "multi"
+    quantizer: Literal["multi", "single", "shared", "continuous"] = "multi"
     num_codebooks: int = 4
     codebook_size: int = 128
     code_dim: int = 32
@@ -40,13 +41,13 @@ class TokenizerConfig:
     # (probe: util fell 0.99 -> 0.72 over stage 2 at 1.0). 1.0 = the report's single adapter rate.
     adapter_lr_scale: float = 0.2
     # "kmeans" | "random": how the frozen base codebooks start.
-    codebook_init: str = "kmeans"
+    codebook_init: Literal["kmeans", "random"] = "kmeans"
     kmeans_iters: int = 20
     kmeans_max_samples: int = 20000
     # Training images whose features feed K-means (their positions are subsampled to kmeans_max_samples).
     kmeans_images: int = 1024
     # "sum" | "mean": how the N up-projected sub-vectors pool into one position (sum won in the report).
-    pooling: str = "sum"
+    pooling: Literal["sum", "mean"] = "sum"
     embed_dim: int = 128
     # Auxiliary Qwen3 decoder that reads the quantized prefix; discarded after training.
     aux_hidden_size: int = 128

@@ -7,6 +7,7 @@ weight decay 0.1, cosine decay after a linear warmup.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass
@@ -24,7 +25,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     grad_clip: float = 1.0
     # "fp32" | "bf16": bf16 autocast only where the device supports it.
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"
     checkpoint_every: int = 50
     log_every: int = 10
     seed: int = 0
