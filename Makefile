@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean-artifacts
+.PHONY: setup demo test test-fast clean-artifacts
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -18,7 +18,7 @@ setup: $(STAMP)
 
 # The whole lifecycle on the embedded default: no services, CPU, tiny preset.
 demo: setup
-	$(BIN)/kelix pipeline run --preset tiny
+	$(BIN)/kelix pipeline run --preset tiny --params params.yaml
 
 # Every test, the tiny end-to-end pipeline included.
 test: setup

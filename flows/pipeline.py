@@ -7,7 +7,7 @@ stage killed mid-way resumes from its last checkpoint. With no services configur
 ephemeral API, MLflow in ./mlflow.db and artifacts in ./artifacts.
 
     kelix pipeline run --preset tiny
-    python -m flows.pipeline --preset tiny --set dit.train1.steps=50
+    python -m flows.pipeline --preset tiny --set dit.train1.num_steps=50
 """
 from __future__ import annotations
 
