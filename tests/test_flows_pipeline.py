@@ -186,6 +186,27 @@ def test_pipeline_runs_everything_then_skips_then_reruns_only_downstream(prefect
     assert checked["version"] == "2" and checked["regressions"]
 
 
+def test_reproduce_reruns_a_registered_version_from_its_lineage(prefect_api, catalogue, workspace, monkeypatch):
+    from kelix.registry.reproduce import reproduce
+
+    # The dataset as the config's data.root (what a rerun reads back from the recorded config).
+    first = _run(workspace, data=None, overrides=[f"data.root={workspace['data']}"])
+    version = first["release"]["version"]
+    STATE["calls"].clear()
+    work, logs = workspace["root"] / "reproduce", []
+    ok, rows = reproduce("kelix", version, artifacts=str(work / "artifacts"), work_dir=work, log=logs.append)
+    assert ok, logs
+    assert {r.name for r in rows} >= set(EVAL_METRICS) and all(r.ok for r in rows)
+    assert set(STATE["calls"]) == set(stages.ORDER)  # every stage ran again, into the new artifact store
+    assert any("is the recorded version" in line for line in logs)
+    report = json.loads((work / "reproduce.json").read_text())
+    assert report["version"] == version and report["lineage"]["data_fingerprint"]
+    # A rerun that lands elsewhere is reported, metric by metric.
+    monkeypatch.setitem(EVAL_METRICS, "vqa_accuracy", 0.5)
+    ok, rows = reproduce("kelix", version, artifacts=str(work / "artifacts-2"), work_dir=work, log=logs.append)
+    assert not ok and [r.name for r in rows if not r.ok] == ["vqa_accuracy"]
+
+
 def test_transient_failure_is_retried_and_resumes_from_its_checkpoint(prefect_api, catalogue, workspace):
     STATE["fail"]["tokenizer-2"] = [ConnectionError("S3 went away")]
     result = _run(workspace, release=False)

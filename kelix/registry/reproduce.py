@@ -197,4 +197,6 @@ def reproduce(name: str, version: str, tolerance: float = 0.02, artifacts: str |
     (work / "reproduce.json").write_text(json.dumps(
         {"model": name, "version": version, "tolerance": tolerance, "lineage": rec.lineage,
          "rows": [{"metric": r.name, "recorded": r.recorded, "new": r.new, "ok": r.ok} for r in rows]}, indent=1))
-    return all(r.ok for r in rows), rows
+    if not rows:
+        log(f"warning: {name} v{version} records no metrics, so the rerun cannot be checked against it")
+    return bool(rows) and all(r.ok for r in rows), rows
