@@ -56,7 +56,7 @@ def register(ctx: Context, parent_run_id: str | None) -> tuple[str, bool]:
     lineage = {"pipeline_run_id": parent_run_id or "", "stage_keys": json.dumps(ctx.keys, sort_keys=True),
                "eval_key": key, "data_version": ctx.data_version,
                "data_fingerprint": ctx.lineage_tags()["kelix.data_fingerprint"], "git_sha": git_sha(),
-               "runner": ctx.runner.kind, "artifacts": ctx.artifacts}
+               "runner": ctx.runner.kind, "artifacts": ctx.artifacts, "data_dir": str(ctx.data_dir)}
     # Inside the pipeline's run, the registry logs the model as its child (same experiment, same lineage).
     scope = mlflow.start_run(run_id=parent_run_id) if parent_run_id else nullcontext()
     with scope:

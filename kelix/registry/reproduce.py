@@ -116,6 +116,10 @@ def prepare_data(rec: Recorded, work_dir: Path, log: Callable[[str], None]) -> P
     want = rec.lineage.get("data_fingerprint", "unknown")
     version = rec.lineage.get("data_version", "unknown")
     data = data_path(rec.cfg)
+    # The folder the pipeline read (`--data` may differ from data.root), when it still holds that data.
+    recorded_dir = Path(rec.lineage.get("data_dir") or data)
+    if want != "unknown" and recorded_dir != data and _fingerprint(recorded_dir) == want:
+        data = recorded_dir
     if want == "unknown":
         log(f"warning: the version records no data fingerprint: using {data} unverified")
         return data
