@@ -40,6 +40,27 @@ def _env(strategy: str = "ddp") -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "KELIX_DISTRIBUTED": strategy, "MLFLOW_TRACKING_URI": ""}
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant. torchrun starts each worker in a session of its own, so killing
+    torchrun's process group would leave the workers running (and finishing the stage on their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in tree:  # the whole tree was listed first: killing a parent re-parents its children
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _run(name: str, nproc: int, data: Path, store: Path, cwd: Path, overrides: list[str] = OVERRIDES,
          strategy: str = "ddp") -> None:
     proc = subprocess.Popen(_cmd(name, nproc, data, store, overrides), cwd=cwd, env=_env(strategy), text=True,
@@ -47,7 +68,7 @@ def _run(name: str, nproc: int, data: Path, store: Path, cwd: Path, overrides: l
     try:
         out, err = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too: a hung collective outlives its parent
+        _kill_tree(proc.pid)  # torchrun's workers too: a hung collective outlives its parent
         out, err = proc.communicate()
         raise AssertionError(f"{name} on {nproc} process(es) {strategy} hung for 600 s:\n{err[-4000:]}") from None
     if proc.returncode != 0:
@@ -157,8 +178,9 @@ def test_killed_two_process_llm_stage_resumes_on_one_process(base, tmp_path, str
     ckpts = killed / "llm-1"
     while not any(ckpts.glob("*/checkpoints/step_0000004")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the node goes away: no handler runs, no cleanup
+    _kill_tree(proc.pid)  # the node goes away: no handler runs, no cleanup, no worker survives
     proc.wait()
+    time.sleep(1)  # the workers' SIGKILL is delivered; nothing of theirs writes after this
     out = _out_dir(killed, "llm-1")
     done = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*"))
     assert done and done[-1] < 40, f"the run was not killed mid-way (checkpoints {done})"
