@@ -7,7 +7,9 @@ assumptions (printed with the table):
   attention's 4*L*S^2*d per sequence forward (x3 with backward); P counts the weights a token passes through.
 - Memory per GPU under FSDP2 as the shared loop runs it (kelix/train/loop.py, distributed.wrap), fp32 weights:
   sharded state (16 bytes per trainable parameter: weight, gradient, two Adam moments; 4 per frozen) / GPUs
-  + the loop's unsharded copy of the model (4 bytes per parameter)
+  + the loop's unsharded copy of the model (4 bytes per parameter), only in the stages that look at it while
+    they train (the DiT stages' sample grids and EMA); the tokenizer and LLM stages park it in host memory,
+    which the table gives per GPU process (a node of 8 GPUs needs 8 times that in RAM)
   + gathered weights: the root unit whole (4 x its parameters) and two units in flight (the LLM's decoder
     layers are units; the other models are one root unit)
   + the root unit's unsharded gradients before their reduce-scatter (4 x its trainable parameters)
@@ -46,6 +48,8 @@ class StagePlan:
     flops_per_step: float
     memory_gb: float
     gpu_hours: float
+    # Host memory per GPU process: the whole model parked there while the shards train (0 when kept on the GPU).
+    host_gb: float = 0.0
 
 
 def _count(module: torch.nn.Module, frozen_prefixes: tuple[str, ...] = ()) -> tuple[int, int]:
@@ -106,16 +110,19 @@ def _flops(part: Part, batch: int, trainable: int | None = None) -> float:
     return dense + attention
 
 
-def _memory_gb(parts: list[tuple[Part, int]], batch: int, gpus: int) -> float:
-    total = 0.0
+def _memory_gb(parts: list[tuple[Part, int]], batch: int, gpus: int, parked: bool) -> tuple[float, float]:
+    """(GPU, host) GB per GPU process."""
+    total = host = 0.0
     for p, trainable in parts:
         root = p.params - p.unit_params
         in_flight = 2 * p.unit_params / max(1, p.layers)
         sharded = (16 * trainable + 4 * (p.params - trainable)) / gpus
         gathered = 4 * (root + in_flight) + 4 * trainable * root / max(1, p.params)
         acts = 2 * max(1, batch // gpus) * p.tokens_per_example * p.width * (p.layers + 10)
-        total += sharded + 4 * p.params + gathered + acts
-    return total / 1e9
+        copy = 4 * p.params
+        total += sharded + gathered + acts + (0 if parked else copy)
+        host += copy if parked else 0
+    return total / 1e9, host / 1e9
 
 
 def plan(cfg: KelixConfig, gpus: int, peak_tflops: float, mfu: float) -> tuple[dict, list[StagePlan]]:
@@ -125,10 +132,11 @@ def plan(cfg: KelixConfig, gpus: int, peak_tflops: float, mfu: float) -> tuple[d
     adapters = tok.params - parts["vit_params"]
     stages = []
 
-    def add(name: str, train, members: list[tuple[Part, int]]) -> None:
+    def add(name: str, train, members: list[tuple[Part, int]], parked: bool = True) -> None:
         flops = sum(_flops(p, train.batch_size, t) for p, t in members)
         hours = train.num_steps * flops / (peak_tflops * 1e12 * mfu) / 3600
-        stages.append(StagePlan(name, train.num_steps, train.batch_size, flops, _memory_gb(members, train.batch_size, gpus), hours))
+        gpu_gb, host_gb = _memory_gb(members, train.batch_size, gpus, parked)
+        stages.append(StagePlan(name, train.num_steps, train.batch_size, flops, gpu_gb, hours, host_gb))
 
     t, ll, d = cfg.tokenizer, cfg.llm, cfg.dit
     add("tokenizer-1", t.train1, [(tok, adapters), (aux, 0)])
@@ -137,10 +145,11 @@ def plan(cfg: KelixConfig, gpus: int, peak_tflops: float, mfu: float) -> tuple[d
     add("llm-1", ll.train1, [(llm, bd.params), (bd, bd.params)])
     for name, train in (("llm-2", ll.train2), ("llm-3", ll.train3), ("llm-4", ll.train4)):
         add(name, train, [(llm, llm.params), (bd, bd.params)])
-    add("aedit", d.train_ae, [(dit, dit.trainable)])
+    # The DiT stages draw sample grids and keep an EMA during training: their whole copy stays on the GPU.
+    add("aedit", d.train_ae, [(dit, dit.trainable)], parked=False)
     # The DiT's condition (the frozen LLM's hidden states) is computed once per image and cached by the stage.
-    add("dit-1", d.train1, [(dit, dit.trainable)])
-    add("dit-2", d.train2, [(dit, dit.trainable)])
+    add("dit-1", d.train1, [(dit, dit.trainable)], parked=False)
+    add("dit-2", d.train2, [(dit, dit.trainable)], parked=False)
     return parts, stages
 
 
@@ -152,12 +161,18 @@ def format_plan(cfg: KelixConfig, parts: dict, stages: list[StagePlan], gpus: in
     for part in (p for p in parts.values() if isinstance(p, Part)):
         lines.append(f"| {part.name} | {part.params / 1e6:,.1f} M | {part.trainable / 1e6:,.1f} M | {part.tokens_per_example:,} |")
     too_big = [s.stage for s in stages if s.memory_gb > gpu_memory_gb]
-    lines += ["", "| stage | steps | batch | TFLOPs/step | memory/GPU (FSDP) | GPU-hours |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| stage | steps | batch | TFLOPs/step | memory/GPU (FSDP) | host memory/GPU | GPU-hours |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for s in stages:
         fits = " (does not fit)" if s.stage in too_big else ""
-        lines.append(f"| {s.stage} | {s.steps:,} | {s.batch:,} | {s.flops_per_step / 1e12:,.1f} | {s.memory_gb:,.1f} GB{fits} | {s.gpu_hours:,.1f} |")
+        lines.append(f"| {s.stage} | {s.steps:,} | {s.batch:,} | {s.flops_per_step / 1e12:,.1f} | {s.memory_gb:,.1f} GB{fits} "
+                     f"| {s.host_gb:,.1f} GB | {s.gpu_hours:,.1f} |")
     total = sum(s.gpu_hours for s in stages)
+    per_node = max(1, cfg.runtime.default_resources.gpus)
+    host = max(s.host_gb for s in stages) * per_node
     lines += ["", f"Total: {total:,.0f} GPU-hours, {total / gpus:,.1f} hours of wall time on {gpus} GPUs.",
+              f"Host memory per node ({per_node} GPU processes): up to {host:,.0f} GB for parked model copies "
+              f"(runtime.default_resources.memory asks for {cfg.runtime.default_resources.memory}).",
               "Estimates: see `kelix/plan.py` for the FLOP and memory model."]
     if too_big:
         lines.append(f"{', '.join(too_big)} need more than {gpu_memory_gb:g} GB per GPU: use larger GPUs "

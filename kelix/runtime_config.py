@@ -42,7 +42,9 @@ def runtime_preset(preset: str) -> RuntimeConfig:
     nodes = 1 if preset == "small" else 4
     return RuntimeConfig(
         distributed="ddp" if preset == "small" else "fsdp",
-        default_resources=Resources(gpus=gpus, num_nodes=nodes, cpu="16", memory="200Gi"),
+        # Paper: each of a node's 8 processes parks a whole fp32 copy of the 8.7 B LLM in RAM while its shards
+        # train (35 GB each, `kelix plan`'s host column), so a node needs ~300 GB for that alone.
+        default_resources=Resources(gpus=gpus, num_nodes=nodes, cpu="16", memory="200Gi" if preset == "small" else "512Gi"),
         node_selector={"nvidia.com/gpu.present": "true"},
         tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     )

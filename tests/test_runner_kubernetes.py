@@ -8,6 +8,7 @@ reports (Completed, OOMKilled, ImagePullBackOff, Evicted...) and sets the Job's 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -23,7 +24,7 @@ import pytest
 import kelix.stages as stages
 from kelix.artifacts import ArtifactStore
 from kelix.config import load_config
-from kelix.runners import (ImagePullError, StageConfigError, StageDeadlineExceeded, StageOOMKilled,
+from kelix.runners import (ImagePullError, StageConfigError, StageDeadlineExceeded, StageFailed, StageOOMKilled,
                            TransientStageError, is_transient)
 from kelix.runners.kubernetes import KubernetesRunner
 from kelix.runners.manifests import DATA_STAGE, LABEL_JOB, PARAMS_ENV
@@ -39,7 +40,7 @@ def toy_stage(ctx) -> dict[str, float]:
     (ckpt / "step_0000001").write_text("1")
     ctx.logger.log({"loss": 0.5}, step=1)
     if TOY["crash"]:
-        raise ConnectionError("node went away")
+        raise TOY["crash"] if isinstance(TOY["crash"], BaseException) else ConnectionError("node went away")
     (ctx.out_dir / "model").mkdir(exist_ok=True)
     return {"loss": 0.5, "resumed": float(resumed), "images": float(len(list((ctx.data_dir / "images").rglob("*"))))}
 
@@ -71,7 +72,7 @@ def kube():
                 # The emulator stores objects but has no kubelet: pod logs come from this dict.
                 emu["get", kmock.resource("v1/pods"), kmock.subresource("log")] << (
                     lambda req: logs.get(req.name, "").encode())
-                state.update(url=str(srv.url).rstrip("/"), loop=asyncio.get_running_loop())
+                state.update(url=str(srv.url).rstrip("/"), loop=asyncio.get_running_loop(), emu=emu)
                 ready.set()
                 await state["stop"].wait()
 
@@ -82,7 +83,21 @@ def kube():
     assert ready.wait(30), "kmock did not start"
     conf = kubernetes.client.Configuration()
     conf.host = state["url"]
-    yield {"api": kubernetes.client.ApiClient(conf), "logs": logs}
+
+    def on_server(fn):
+        """Run fn(emulator) on the server's loop (e.g. to add a reaction) and return its result."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                done.set_result(fn(state["emu"]))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+                done.set_exception(exc)
+
+        state["loop"].call_soon_threadsafe(call)
+        return done.result(10)
+
+    yield {"api": kubernetes.client.ApiClient(conf), "logs": logs, "on_server": on_server}
     state["loop"].call_soon_threadsafe(state["stop"].set)
     thread.join(10)
 
@@ -138,6 +153,7 @@ class Cluster:
 
         self.batch, self.core = client.BatchV1Api(kube["api"]), client.CoreV1Api(kube["api"])
         self.logs, self.namespace, self.tmp = kube["logs"], namespace, tmp
+        self.on_server = kube["on_server"]  # fn(emulator) on the server's loop: to add reactions, read requests
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -197,12 +213,27 @@ class Cluster:
         self.thread.join(30)
         if self.error:
             raise self.error
+        assert not self.thread.is_alive(), "the cluster scenario did not finish within 30s"
 
 
 def _terminated(reason: str, code: int) -> dict:
     return {"phase": "Succeeded" if code == 0 else "Failed",
             "containerStatuses": [{"name": "stage", "image": "x", "ready": False, "restartCount": 0, "imageID": "",
                                    "state": {"terminated": {"reason": reason, "exitCode": code}}}]}
+
+
+def _running() -> dict:
+    running = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+    return {"phase": "Running", "containerStatuses": [{"name": "stage", "image": "x", "ready": True, "restartCount": 0,
+                                                       "imageID": "", "state": running}]}
+
+
+def _wait_for(predicate, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
 
 
 def _runner(env, **kw) -> KubernetesRunner:
@@ -383,3 +414,153 @@ def test_attaches_to_a_job_a_previous_orchestrator_left_running(env, runner_log)
 def test_a_local_artifact_store_is_refused(env, tmp_path):
     with pytest.raises(StageConfigError, match="s3://"):
         _runner(env).run("tokenizer-1", env["cfg"], env["data"], str(tmp_path / "artifacts"))
+
+
+def test_runner_timeout_deletes_a_job_that_never_finishes(env):
+    from kubernetes.client.exceptions import ApiException
+
+    seen: dict = {}
+
+    def scenario(c: Cluster) -> None:  # the pod runs and runs; the Job never gets a condition
+        job = seen["job"] = c.job()
+        c.pod(job, "g7", _running(), log="epoch 1 of forever\n")
+
+    env["cluster"].play(scenario)
+    start = time.monotonic()
+    with pytest.raises(StageDeadlineExceeded, match=r"stage tokenizer-1: job ns-\w+/kelix-tokenizer-1-\w+ did not "
+                                                    r"finish within 2s; deleted it") as info:
+        _run(env, _runner(env, timeout=2))
+    elapsed = time.monotonic() - start
+    env["cluster"].join()
+    assert 2 <= elapsed < 20
+    assert not is_transient(info.value)  # the same Job would hang again: no retry
+    assert "epoch 1 of forever" in info.value.logs  # what the pod said so far comes with the error
+    with pytest.raises(ApiException) as gone:
+        env["cluster"].batch.read_namespaced_job(seen["job"]["metadata"]["name"], env["namespace"])
+    assert gone.value.status == 404
+
+
+def test_a_job_deleted_while_followed_is_a_clear_transient_error(env, runner_log):
+    def scenario(c: Cluster) -> None:
+        job = c.job()
+        pod = c.pod(job, "h8", _running(), log="step 1\n")
+        # Only once the runner is demonstrably following the Job (its pod's log reached the flow's log)...
+        _wait_for(lambda: any(line.endswith(f"{pod}] step 1") for line in list(runner_log)))
+        c.batch.delete_namespaced_job(job["metadata"]["name"], c.namespace)  # ... someone deletes it
+
+    env["cluster"].play(scenario)
+    with pytest.raises(TransientStageError, match=r"job ns-\w+/kelix-tokenizer-1-\w+ of stage tokenizer-1 "
+                                                  r"disappeared while running") as info:
+        _run(env)
+    env["cluster"].join()
+    assert is_transient(info.value) and info.value.stage == "tokenizer-1"
+
+
+def test_exit_code_1_is_a_permanent_stage_failure(env):
+    def scenario(c: Cluster) -> None:
+        job = c.job()
+        c.pod(job, "i9", _terminated("Error", 1), log="Traceback (most recent call last):\nKeyError: 'lr'\n")
+        c.conclude(job, ok=False, reason="BackoffLimitExceeded", message="Job has reached the specified backoff limit")
+
+    env["cluster"].play(scenario)
+    with pytest.raises(StageFailed) as info:
+        _run(env)
+    env["cluster"].join()
+    assert type(info.value) is StageFailed and not is_transient(info.value)
+    message = str(info.value)
+    assert "stage tokenizer-1: job" in message
+    assert "failed (BackoffLimitExceeded: Job has reached the specified backoff limit; exit codes [1])" in message
+    assert "KeyError: 'lr'" in message and "KeyError: 'lr'" in info.value.logs
+
+
+def test_exit_code_1_carries_the_stage_recorded_error(env):
+    def scenario(c: Cluster) -> None:
+        job = c.job()
+        TOY["crash"] = ValueError("vocab_size must be positive")
+        try:
+            c.act_as_pod(job)  # the stage writes a FAILED marker naming its error, then the process exits 1
+        except ValueError:
+            pass
+        c.pod(job, "j1", _terminated("Error", 1))
+        c.conclude(job, ok=False, reason="BackoffLimitExceeded")
+
+    env["cluster"].play(scenario)
+    with pytest.raises(StageFailed, match=r"exit codes \[1\]\): ValueError: vocab_size must be positive") as info:
+        _run(env)
+    env["cluster"].join()
+    assert not is_transient(info.value)
+
+
+def test_exit_code_1_after_a_recorded_connection_error_is_transient(env):
+    def scenario(c: Cluster) -> None:
+        job = c.job()
+        TOY["crash"] = True  # ConnectionError: the marker records an interruption, not a bug
+        c.act_as_pod(job)
+        c.pod(job, "k2", _terminated("Error", 1))
+        c.conclude(job, ok=False, reason="BackoffLimitExceeded")
+
+    env["cluster"].play(scenario)
+    with pytest.raises(TransientStageError, match="ConnectionError: node went away") as info:
+        _run(env)
+    env["cluster"].join()
+    assert is_transient(info.value)
+
+
+@pytest.mark.parametrize("code", [137, 143])
+def test_a_killed_container_is_transient(env, code):
+    def scenario(c: Cluster) -> None:
+        job = c.job()
+        c.pod(job, "l3", _terminated("Error", code))  # SIGKILL / SIGTERM from outside, not OOMKilled
+        c.conclude(job, ok=False, reason="BackoffLimitExceeded")
+
+    env["cluster"].play(scenario)
+    with pytest.raises(TransientStageError, match=rf"the container was killed \(exit codes \[{code}\]\).*resumes from "
+                                                  r"the last checkpoint") as info:
+        _run(env)
+    env["cluster"].join()
+    assert is_transient(info.value) and not isinstance(info.value, StageFailed)
+
+
+def _unavailable(env, action, resource: str, times: int):
+    """The first `times` such requests in the test's namespace get an empty HTTP 503 (kmock records them)."""
+    import kmock
+
+    return env["cluster"].on_server(
+        lambda emu: emu[action, kmock.resource(resource), kmock.namespace(env["namespace"])][:times] << 503)
+
+
+def _served(env, reaction) -> int:
+    return env["cluster"].on_server(lambda emu: len(list(reaction)))
+
+
+def test_api_server_503s_are_retried_and_the_stage_still_finishes(env):
+    import kmock
+
+    reads = _unavailable(env, kmock.action.FETCH, "batch/v1/jobs", 2)
+    lists = _unavailable(env, kmock.action.LIST, "v1/pods", 1)
+
+    def scenario(c: Cluster) -> None:
+        job = c.job()
+        c.act_as_pod(job)
+        c.pod(job, "m4", _terminated("Completed", 0))
+        c.conclude(job, ok=True)
+
+    env["cluster"].play(scenario)
+    result = _run(env, _runner(env, poll_interval=0.1))
+    env["cluster"].join()
+    assert not result.skipped and result.metrics["loss"] == 0.5
+    # The runner did meet the 503s (so _call retried them), and they did not fail the stage.
+    assert _served(env, reads) == 2 and _served(env, lists) == 1
+
+
+def test_an_api_server_that_stays_unavailable_fails_transiently_after_five_tries(env):
+    import kmock
+    from kubernetes.client.exceptions import ApiException
+
+    reads = _unavailable(env, kmock.action.FETCH, "batch/v1/jobs", 100)
+    with pytest.raises(ApiException) as info:
+        _run(env, _runner(env, poll_interval=0.1))
+    assert info.value.status == 503 and is_transient(info.value)  # the flow's retry takes over from here
+    assert _served(env, reads) == 5
+    creates = env["cluster"].on_server(lambda emu: list(emu[kmock.action.CREATE, kmock.namespace(env["namespace"])]))
+    assert creates == []  # it gave up before starting anything

@@ -10,6 +10,7 @@ The strategy comes from `KELIX_DISTRIBUTED` ("ddp" | "fsdp"), set by the stage e
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -88,10 +89,19 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+@torch.no_grad()
 def gather_full(sharded: torch.nn.Module, whole: torch.nn.Module) -> None:
-    """Load the full weights and buffers of an FSDP2-sharded module into its unsharded twin, on every rank
-    (a collective: every rank must call it)."""
-    whole.load_state_dict(full_state_dict(sharded, every_rank=True))
+    """Copy the full weights and buffers of an FSDP2-sharded module into its unsharded twin, on every rank
+    (a collective: every rank must call it, and does so tensor by tensor in the same order).
+
+    One tensor is gathered at a time, so the accelerator holds at most one whole parameter beyond the shards,
+    and `whole` may live elsewhere (host memory: see the loop's parking)."""
+    from torch.distributed.tensor import DTensor
+
+    targets = {**dict(whole.named_parameters()), **dict(whole.named_buffers())}
+    for name, tensor in itertools.chain(sharded.named_parameters(), sharded.named_buffers()):
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        targets[name].copy_(full)
 
 
 def world_size() -> int:
@@ -161,12 +171,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def full_state_dict(model: torch.nn.Module, every_rank: bool = False) -> dict[str, torch.Tensor]:
-    """Unsharded weights (a collective under FSDP: every rank must call it). By default on the CPU of rank 0
-    only (use them there); `every_rank` gives each rank the weights on the model's device."""
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded weights (a collective under FSDP: every rank must call it), on the CPU of rank 0 only (use
+    them there)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     if current() is None:
         return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(unwrap(model), options=options)

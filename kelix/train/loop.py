@@ -155,6 +155,12 @@ def train(
     # from the shards whenever the stage looks at it (checkpoint callbacks, the end), so everything a stage does
     # outside the training step (EMA, previews, evaluation, save_pretrained) runs as on one process.
     fsdp = info is not None and info.strategy == "fsdp"
+    # A stage that does not look at `model` while it trains (no checkpoint callback) gets it parked in host
+    # memory meanwhile: the accelerator holds only the shards (an 8B LLM's whole copy is 35 GB per GPU).
+    # fully_shard moves the copy's shards to the accelerator unit by unit. (On a CPU the moves are no-ops.)
+    park = fsdp and on_checkpoint is None
+    if park:
+        model.to("cpu")
     trained = copy.deepcopy(model) if fsdp else model
     units = list(fsdp_units(trained)) if fsdp and fsdp_units else []
     forward_step = (distributed.wrap(_StepModule(trained, step_fn), info, units) if info
@@ -219,5 +225,9 @@ def train(
     bar.close()
     if fsdp:
         distributed.gather_full(trained, model)
+    if park:
+        # The shards and their optimiser state go first, so the whole model fits where they were.
+        del forward_step, optimizer, trained, units
+        model.to(device)
     return TrainResult(step=step, resumed_from=start, metrics=metrics, seconds=time.perf_counter() - t0,
                        stopped_by_budget=stopped)
