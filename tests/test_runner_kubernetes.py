@@ -553,6 +553,40 @@ def test_api_server_503s_are_retried_and_the_stage_still_finishes(env):
     assert _served(env, reads) == 2 and _served(env, lists) == 1
 
 
+def test_a_create_whose_answer_was_lost_takes_the_job_it_made(env, monkeypatch):
+    """The API server creates the Job but its answer is lost (503): the retry meets 409 and follows that Job."""
+    import kubernetes
+    from kubernetes.client.exceptions import ApiException
+
+    runner = _runner(env, poll_interval=0.1)
+    real_create, answers = kubernetes.client.BatchV1Api.create_namespaced_job, []
+
+    def create_then_lose_the_answer(api, *args, **kwargs):
+        try:
+            result = real_create(api, *args, **kwargs)  # the real request to the emulator
+        except ApiException as exc:
+            answers.append(exc.status)
+            raise
+        answers.append(201)
+        if len(answers) == 1:
+            raise ApiException(status=503, reason="Service Unavailable")  # the answer is lost on the way back
+        return result
+
+    monkeypatch.setattr(kubernetes.client.BatchV1Api, "create_namespaced_job", create_then_lose_the_answer)
+
+    def scenario(c: Cluster) -> None:
+        job = c.job()
+        c.act_as_pod(job)
+        c.pod(job, "q1", _terminated("Completed", 0))
+        c.conclude(job, ok=True)
+
+    env["cluster"].play(scenario)
+    result = _run(env, runner)
+    env["cluster"].join()
+    assert answers == [201, 409]  # created, then the retry met the Job it had made
+    assert not result.skipped and result.metrics["loss"] == 0.5
+
+
 def test_an_api_server_that_stays_unavailable_fails_transiently_after_five_tries(env):
     import kmock
     from kubernetes.client.exceptions import ApiException

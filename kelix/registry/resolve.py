@@ -91,8 +91,16 @@ def download_bundle(uri: str) -> Path:
             return path
         except BundleError:
             shutil.rmtree(dest)  # a damaged cached copy: fetch it again below
-    path = bundle_path(_download(name, version, dest))
+    from mlflow.exceptions import MlflowException
+
     try:
+        downloaded = _download(name, version, dest)
+    except MlflowException as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RegistryError(f"cannot fetch {name} v{version} from {tracking_uri()}: {reason}. "
+                            f"`kelix registry status` lists the registered versions") from exc
+    try:
+        path = bundle_path(downloaded)
         check_bundle(path)
     except BundleError as exc:
         raise BundleError(f"the registered artifacts of {name} v{version} are damaged: {exc}. Register the model "

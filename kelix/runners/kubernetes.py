@@ -171,17 +171,32 @@ class KubernetesRunner:
                 return
             log.info("replacing finished job %s/%s", namespace, jname)
             self._delete_job(jname, namespace, wait=True)
-        created = self._call(self.batch.create_namespaced_job, namespace, job, _preload_content=False)
-        uid = (json.loads(created.data).get("metadata") or {}).get("uid")
+        created = self._create(self.batch.create_namespaced_job, self.batch.read_namespaced_job, namespace, job)
+        uid = (created.get("metadata") or {}).get("uid")
         for obj in objs[1:]:
             if uid:
                 obj["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": jname,
                                                        "uid": uid, "controller": False, "blockOwnerDeletion": False}]
-            self._call(self.core.create_namespaced_service, namespace, obj)
+            self._create(self.core.create_namespaced_service, self.core.read_namespaced_service, namespace, obj)
         resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
         log.info("started job %s/%s (image %s, %s node(s), limits %s)", namespace, jname,
                  job["spec"]["template"]["spec"]["containers"][0]["image"], job["spec"].get("completions", 1),
                  resources["limits"])
+
+    def _create(self, create: Callable[..., Any], read: Callable[..., Any], namespace: str,
+                body: dict[str, Any]) -> dict[str, Any]:
+        """Create an object, or take the one an earlier attempt made: when the API server acted but its answer
+        was lost (a 503/504 on the way back), `_call`'s retry meets 409 AlreadyExists. The names are derived
+        from the stage key, so an object of that name is this stage's."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return json.loads(self._call(create, namespace, body, _preload_content=False).data)
+        except ApiException as exc:
+            existing = self._json(read, body["metadata"]["name"], namespace) if exc.status == 409 else None
+            if existing is None:
+                raise
+            return existing
 
     def _delete_job(self, jname: str, namespace: str, wait: bool = False) -> None:
         from kubernetes.client.exceptions import ApiException
