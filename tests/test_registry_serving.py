@@ -170,3 +170,57 @@ def test_release_against_mlflow_server(tmp_path, monkeypatch, tmp_path_factory):
         model = mlflow.pyfunc.load_model("models:/kelix-remote@champion")
         out = model.predict(frame().iloc[[0]].reset_index(drop=True))
         assert isinstance(out["answer"][0], str)
+
+
+class _RecordingBundle:
+    """Stands in for a KelixBundle in `predict_frame`'s row bookkeeping: answers echo the question, generated
+    images encode their seed, reconstructions return the input; every call is recorded."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def answer(self, images, questions):
+        self.calls.append(("answer", len(images)))
+        return [f"answer to {q} ({im.size[0]}px)" for im, q in zip(images, questions)]
+
+    def generate(self, prompts, seed=0):
+        self.calls.append(("generate", prompts[0], seed))
+        return [Image.new("RGB", (8, 8), (seed, 0, 0))]
+
+    def reconstruct(self, images, seed=0):
+        self.calls.append(("reconstruct", seed))
+        return [images[0]]
+
+
+def test_predict_frame_maps_mixed_rows_back_in_order():
+    from kelix.registry.pyfunc import predict_frame
+
+    image = encode_image(example_image())
+    frame = pd.DataFrame([
+        {"task": "ask", "image": image, "question": "What colour is it?", "prompt": None, "seed": None},
+        {"task": "generate", "image": None, "question": None, "prompt": "a red circle", "seed": 7.0},
+        {"task": "ask", "image": image, "question": "How many?", "prompt": None, "seed": None},
+        {"task": "reconstruct", "image": image, "question": None, "prompt": None, "seed": 3.0},
+    ])
+    bundle = _RecordingBundle()
+    out = predict_frame(bundle, frame)
+    assert list(out["task"]) == ["ask", "generate", "ask", "reconstruct"]
+    assert out["answer"][0] == "answer to What colour is it? (64px)" and out["answer"][2] == "answer to How many? (64px)"
+    assert pd.isna(out["answer"][1]) and pd.isna(out["image"][0])
+    assert decode_image(out["image"][1], 1).getpixel((0, 0)) == (7, 0, 0)  # row 1's own seed
+    assert decode_image(out["image"][3], 3).size == (64, 64)
+    # Both questions in one batched call; generate and reconstruct got their rows' seeds.
+    assert bundle.calls == [("generate", "a red circle", 7), ("reconstruct", 3), ("answer", 2)]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"task": "ask", "image": "not base64!", "question": "q"}, r"row 0: `image` is not a base64-encoded image"),
+    ({"task": "generate", "prompt": "a red circle", "seed": 1.5}, r"row 0: seed must be an integer, got 1.5"),
+    ({"task": "generate", "prompt": "  "}, r"row 0: task 'generate' needs a non-empty `prompt` column"),
+    ({"task": "paint", "prompt": "x"}, r"row 0: unknown task 'paint'; tasks are"),
+])
+def test_predict_frame_rejects_bad_rows_naming_them(row, message):
+    from kelix.registry.pyfunc import predict_frame
+
+    with pytest.raises(ValueError, match=message):
+        predict_frame(_RecordingBundle(), pd.DataFrame([row]))

@@ -428,7 +428,7 @@ def test_runner_timeout_deletes_a_job_that_never_finishes(env):
     env["cluster"].play(scenario)
     start = time.monotonic()
     with pytest.raises(StageDeadlineExceeded, match=r"stage tokenizer-1: job ns-\w+/kelix-tokenizer-1-\w+ did not "
-                                                    r"finish within 2s; deleted it") as info:
+                                                    r"finish within 2 s; deleted it") as info:
         _run(env, _runner(env, timeout=2))
     elapsed = time.monotonic() - start
     env["cluster"].join()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kelix.config import load_config
+from kelix.config import ConfigError, load_config
 from kelix.tokenizer.kmeans import init_codebooks, kmeans
 from kelix.tokenizer.model import KelixTokenizer
 from kelix.tokenizer.simvq import SimVQ, normalize
@@ -73,8 +73,13 @@ def test_continuous_has_no_codes():
 
 
 def test_unknown_quantizer_is_rejected():
+    # The config refuses it as it loads; the model still refuses a config changed by hand.
+    with pytest.raises(ConfigError, match="tokenizer.quantizer must be one of 'multi', 'single'"):
+        small_cfg("tokenizer.quantizer=residual")
+    cfg = small_cfg()
+    cfg.quantizer = "residual"
     with pytest.raises(ValueError, match="unknown quantizer"):
-        KelixTokenizer.from_config(small_cfg("tokenizer.quantizer=residual"))
+        KelixTokenizer.from_config(cfg)
 
 
 def test_sum_and_mean_pooling():

@@ -113,7 +113,7 @@ def registry_lock(timeout: float = 300.0, uri: str | None = None):
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     fh.seek(0)
-                    raise RegistryError(f"registry lock {path} is still held after {timeout:.0f}s by "
+                    raise RegistryError(f"registry lock {path} is still held after {timeout:g} s by "
                                         f"{fh.read().strip() or 'an unknown process'}; retry when it is released")
                 time.sleep(0.05)
         try:

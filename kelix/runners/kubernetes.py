@@ -244,7 +244,7 @@ class KubernetesRunner:
                 if self.timeout and time.monotonic() - start > self.timeout:
                     self._delete_job(jname, namespace)
                     raise StageDeadlineExceeded(
-                        f"stage {name}: job {namespace}/{jname} did not finish within {self.timeout:.0f}s; deleted it",
+                        f"stage {name}: job {namespace}/{jname} did not finish within {self.timeout:g} s; deleted it",
                         stage=name, logs=_tails(followers))
                 time.sleep(self.poll_interval)
         finally:
