@@ -26,7 +26,7 @@ from kelix.config import load_config  # noqa: E402
 from kelix.data.reader import load_split  # noqa: E402
 from kelix.dit.model import KelixDiT  # noqa: E402
 from kelix.dit.pipeline import psnr, same_objects, to_tensor  # noqa: E402
-from kelix.dit.trainer import DiTData, train_dit  # noqa: E402
+from kelix.dit.trainer import DiTData, grid_image, train_dit  # noqa: E402
 from probe_oracle_reader import oracle_labels  # noqa: E402
 
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cond-dim", type=int, default=64)
     parser.add_argument("--val-images", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--grid", default="", help="also save originals over samples (8 val images) as this PNG")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     out = model.sample(val_conds, seed=0)
     ref = val_images.float() / 255
     agree = [same_objects(o, r) for o, r in zip(ref, to_tensor(out, ref.shape[-1]))]
+    if args.grid:
+        grid_image([to_tensor(ref[:8], out.shape[-1]), out[:8]]).save(args.grid)
     print(f"oracle-conditioned AE-DiT, {tcfg.num_steps} steps ({seconds:.0f} s): "
           f"PSNR {float(psnr(ref, out).mean()):.1f} dB, detector agreement {sum(agree) / len(agree):.3f} "
           f"on {len(agree)} val images")
