@@ -22,7 +22,7 @@ from kelix.registry import (
 )
 from kelix.registry.resolve import parse_models_uri
 from kelix.registry.store import configure, ensure_experiment, lock_path, registry_lock, tracking_uri
-from test_registry_release import GOOD, add_version, aliases, cfg_for, registry  # noqa: F401 - registry: fixture
+from test_registry_release import GOOD, add_version, aliases, cfg_for, champion_and_two_more, registry  # noqa: F401 - registry: fixture
 
 # ---------------------------------------------------------------------------------------------- model references
 
@@ -141,10 +141,7 @@ def _intruding_client(monkeypatch, intruder: dict[str, str]):
 
 def test_promotion_whose_alias_moved_under_the_lock_is_a_conflict(registry, monkeypatch):
     name = "m-conflict-promote"
-    cfg = cfg_for(name)
-    start = add_version(registry, name, GOOD)
-    assert promote(start, cfg, "baseline").promoted
-    mine, theirs = add_version(registry, name, GOOD), add_version(registry, name, GOOD)
+    cfg, start, mine, theirs = champion_and_two_more(registry, name)
     _intruding_client(monkeypatch, {CHAMPION: theirs})
 
     with pytest.raises(RegistryConflict) as info:

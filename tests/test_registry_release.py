@@ -173,12 +173,17 @@ def _assert_consistent(name: str, start: str, contenders: set[str]) -> None:
     assert aliases(name)[CHAMPION] == promos[1]["to"] and aliases(name)[PREVIOUS] == promos[0]["to"]
 
 
-def test_racing_promotions_threads(registry):
-    name = "m-race-threads"
+def champion_and_two_more(registry, name: str) -> tuple:
+    """A model whose first version is champion, plus two newer good versions: (cfg, champion, a, b)."""
     cfg = cfg_for(name)
     start = add_version(registry, name, GOOD)
     assert promote(start, cfg, "baseline").promoted
-    a, b = add_version(registry, name, GOOD), add_version(registry, name, GOOD)
+    return cfg, start, add_version(registry, name, GOOD), add_version(registry, name, GOOD)
+
+
+def test_racing_promotions_threads(registry):
+    name = "m-race-threads"
+    cfg, start, a, b = champion_and_two_more(registry, name)
     barrier = threading.Barrier(2)
     results, errors = {}, []
 
@@ -201,10 +206,7 @@ def test_racing_promotions_threads(registry):
 @pytest.mark.slow
 def test_racing_promotions_processes(registry, tmp_path):
     name = "m-race-procs"
-    cfg = cfg_for(name)
-    start = add_version(registry, name, GOOD)
-    assert promote(start, cfg, "baseline").promoted
-    a, b = add_version(registry, name, GOOD), add_version(registry, name, GOOD)
+    cfg, start, a, b = champion_and_two_more(registry, name)
     go = tmp_path / "go"
     script = (
         "import sys, time, pathlib\n"

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -222,6 +223,31 @@ def _terminated(reason: str, code: int) -> dict:
                                    "state": {"terminated": {"reason": reason, "exitCode": code}}}]}
 
 
+def _play_finished_job(env, pod: str) -> None:
+    """Play a Job whose pod runs the stage (act_as_pod) and completes."""
+    def scenario(c: Cluster) -> None:
+        job = c.job()
+        c.act_as_pod(job)
+        c.pod(job, pod, _terminated("Completed", 0))
+        c.conclude(job, ok=True)
+
+    env["cluster"].play(scenario)
+
+
+def _play_failed_job(env, pod: str, reason: str, code: int, log: str = "",
+                     before: Callable[[Cluster, dict], None] | None = None) -> None:
+    """Play a Job whose pod ends with `reason` / exit `code` (after `before(cluster, job)`, if given), then hits
+    its backoff limit."""
+    def scenario(c: Cluster) -> None:
+        job = c.job()
+        if before is not None:
+            before(c, job)
+        c.pod(job, pod, _terminated(reason, code), log=log)
+        c.conclude(job, ok=False, reason="BackoffLimitExceeded", message="Job has reached the specified backoff limit")
+
+    env["cluster"].play(scenario)
+
+
 def _running() -> dict:
     running = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
     return {"phase": "Running", "containerStatuses": [{"name": "stage", "image": "x", "ready": True, "restartCount": 0,
@@ -270,12 +296,7 @@ def test_stage_job_runs_streams_logs_and_is_skipped_after(env, runner_log):
 
 
 def test_oom_killed_is_a_clear_permanent_error(env):
-    def scenario(c: Cluster) -> None:
-        job = c.job()
-        c.pod(job, "a1", _terminated("OOMKilled", 137), log="allocating activations\n")
-        c.conclude(job, ok=False, reason="BackoffLimitExceeded", message="Job has reached the specified backoff limit")
-
-    env["cluster"].play(scenario)
+    _play_failed_job(env, "a1", "OOMKilled", 137, log="allocating activations\n")
     with pytest.raises(StageOOMKilled, match=r"OOMKilled at its memory limit 8Gi.*runtime.resources.tokenizer-1.memory") as info:
         _run(env)
     env["cluster"].join()
@@ -398,13 +419,7 @@ def test_attaches_to_a_job_a_previous_orchestrator_left_running(env, runner_log)
     job = runner.manifests("tokenizer-1", env["cfg"], key, env["artifacts"], data_key=fingerprint)[0]
     env["cluster"].batch.create_namespaced_job(env["namespace"], job)
 
-    def scenario(c: Cluster) -> None:
-        live = c.job()
-        c.act_as_pod(live)
-        c.pod(live, "f6", _terminated("Completed", 0))
-        c.conclude(live, ok=True)
-
-    env["cluster"].play(scenario)
+    _play_finished_job(env, "f6")
     result = runner.run("tokenizer-1", env["cfg"], env["data"], env["artifacts"])  # a second create would be a 409
     env["cluster"].join()
     assert result.key == key and not result.skipped
@@ -457,12 +472,7 @@ def test_a_job_deleted_while_followed_is_a_clear_transient_error(env, runner_log
 
 
 def test_exit_code_1_is_a_permanent_stage_failure(env):
-    def scenario(c: Cluster) -> None:
-        job = c.job()
-        c.pod(job, "i9", _terminated("Error", 1), log="Traceback (most recent call last):\nKeyError: 'lr'\n")
-        c.conclude(job, ok=False, reason="BackoffLimitExceeded", message="Job has reached the specified backoff limit")
-
-    env["cluster"].play(scenario)
+    _play_failed_job(env, "i9", "Error", 1, log="Traceback (most recent call last):\nKeyError: 'lr'\n")
     with pytest.raises(StageFailed) as info:
         _run(env)
     env["cluster"].join()
@@ -474,17 +484,14 @@ def test_exit_code_1_is_a_permanent_stage_failure(env):
 
 
 def test_exit_code_1_carries_the_stage_recorded_error(env):
-    def scenario(c: Cluster) -> None:
-        job = c.job()
+    def crash(c: Cluster, job: dict) -> None:
         TOY["crash"] = ValueError("vocab_size must be positive")
         try:
             c.act_as_pod(job)  # the stage writes a FAILED marker naming its error, then the process exits 1
         except ValueError:
             pass
-        c.pod(job, "j1", _terminated("Error", 1))
-        c.conclude(job, ok=False, reason="BackoffLimitExceeded")
 
-    env["cluster"].play(scenario)
+    _play_failed_job(env, "j1", "Error", 1, before=crash)
     with pytest.raises(StageFailed, match=r"exit codes \[1\]\): ValueError: vocab_size must be positive") as info:
         _run(env)
     env["cluster"].join()
@@ -492,14 +499,11 @@ def test_exit_code_1_carries_the_stage_recorded_error(env):
 
 
 def test_exit_code_1_after_a_recorded_connection_error_is_transient(env):
-    def scenario(c: Cluster) -> None:
-        job = c.job()
+    def interrupted(c: Cluster, job: dict) -> None:
         TOY["crash"] = True  # ConnectionError: the marker records an interruption, not a bug
         c.act_as_pod(job)
-        c.pod(job, "k2", _terminated("Error", 1))
-        c.conclude(job, ok=False, reason="BackoffLimitExceeded")
 
-    env["cluster"].play(scenario)
+    _play_failed_job(env, "k2", "Error", 1, before=interrupted)
     with pytest.raises(TransientStageError, match="ConnectionError: node went away") as info:
         _run(env)
     env["cluster"].join()
@@ -508,12 +512,7 @@ def test_exit_code_1_after_a_recorded_connection_error_is_transient(env):
 
 @pytest.mark.parametrize("code", [137, 143])
 def test_a_killed_container_is_transient(env, code):
-    def scenario(c: Cluster) -> None:
-        job = c.job()
-        c.pod(job, "l3", _terminated("Error", code))  # SIGKILL / SIGTERM from outside, not OOMKilled
-        c.conclude(job, ok=False, reason="BackoffLimitExceeded")
-
-    env["cluster"].play(scenario)
+    _play_failed_job(env, "l3", "Error", code)  # SIGKILL / SIGTERM from outside, not OOMKilled
     with pytest.raises(TransientStageError, match=rf"the container was killed \(exit codes \[{code}\]\).*resumes from "
                                                   r"the last checkpoint") as info:
         _run(env)
@@ -539,13 +538,7 @@ def test_api_server_503s_are_retried_and_the_stage_still_finishes(env):
     reads = _unavailable(env, kmock.action.FETCH, "batch/v1/jobs", 2)
     lists = _unavailable(env, kmock.action.LIST, "v1/pods", 1)
 
-    def scenario(c: Cluster) -> None:
-        job = c.job()
-        c.act_as_pod(job)
-        c.pod(job, "m4", _terminated("Completed", 0))
-        c.conclude(job, ok=True)
-
-    env["cluster"].play(scenario)
+    _play_finished_job(env, "m4")
     result = _run(env, _runner(env, poll_interval=0.1))
     env["cluster"].join()
     assert not result.skipped and result.metrics["loss"] == 0.5
@@ -574,13 +567,7 @@ def test_a_create_whose_answer_was_lost_takes_the_job_it_made(env, monkeypatch):
 
     monkeypatch.setattr(kubernetes.client.BatchV1Api, "create_namespaced_job", create_then_lose_the_answer)
 
-    def scenario(c: Cluster) -> None:
-        job = c.job()
-        c.act_as_pod(job)
-        c.pod(job, "q1", _terminated("Completed", 0))
-        c.conclude(job, ok=True)
-
-    env["cluster"].play(scenario)
+    _play_finished_job(env, "q1")
     result = _run(env, runner)
     env["cluster"].join()
     assert answers == [201, 409]  # created, then the retry met the Job it had made
