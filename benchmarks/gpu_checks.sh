@@ -19,5 +19,9 @@ fi
 for bs in ${BATCH_SIZES:-64 256 512}; do
   timeout 150 python3 benchmarks/gpu_llm_mfu.py --batch-size "$bs" --json "$out/mfu_bs$bs.json" 2>&1 | tee "$out/mfu_bs$bs.txt"
 done
+# The same step with torch.compile of each decoder layer and the Block Decoder (it traces whole since the causal
+# flag stopped depending on the traced length): does fusing the elementwise work move the MFU?
+timeout 300 python3 benchmarks/gpu_llm_mfu.py --batch-size 256 --compile --json "$out/mfu_bs256_compile.json" 2>&1 \
+  | tee "$out/mfu_bs256_compile.txt"
 timeout 150 python3 benchmarks/bench_nbp.py --preset small --codebooks 8 --batch-sizes 1,16 --repeats 3 --device cuda \
   --bf16 --json "$out/nbp.json" 2>&1 | tee "$out/nbp.txt"
