@@ -38,6 +38,9 @@ class Part:
     layers: int
     # Parameters inside FSDP units of their own (the LLM's decoder layers); the rest is the root unit.
     unit_params: int = 0
+    # Its weights are part of another part's (the Block Decoder's are the LLM's): only its activations count
+    # towards memory.
+    nested: bool = False
 
 
 @dataclass
@@ -95,7 +98,7 @@ def build_parts(cfg: KelixConfig) -> dict:
         "llm": Part("unified LLM (Qwen3 + block enc/dec)", llm_total, llm_total, ll.max_blocks, ll.max_blocks,
                     ll.hidden_size, ll.num_layers, sum(p.numel() for m in llm.decoder_layers() for p in m.parameters())),
         "block_decoder": Part("block decoder", bd_params, bd_params, ll.max_blocks * (t.num_codebooks + 1),
-                              t.num_codebooks + 1, ll.bd_hidden_size, ll.bd_num_layers),
+                              t.num_codebooks + 1, ll.bd_hidden_size, ll.bd_num_layers, nested=True),
         "dit": Part("DiT (SANA)" + (" + frozen DC-AE" if autoencoder is not None else ""), dit_total, dit_train,
                     dit_tokens, dit_tokens, d.num_heads * d.head_dim, d.num_layers),
     }
@@ -120,6 +123,8 @@ def _memory_gb(parts: list[tuple[Part, int]], batch: int, gpus: int, parked: boo
         gathered = 4 * (root + in_flight) + 4 * trainable * root / max(1, p.params)
         acts = 2 * max(1, batch // gpus) * p.tokens_per_example * p.width * (p.layers + 10)
         copy = 4 * p.params
+        if p.nested:
+            sharded = gathered = copy = 0
         total += sharded + gathered + acts + (0 if parked else copy)
         host += copy if parked else 0
     return total / 1e9, host / 1e9
