@@ -130,6 +130,18 @@ def _memory_gb(parts: list[tuple[Part, int]], batch: int, gpus: int, parked: boo
     return total / 1e9, host / 1e9
 
 
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "": 1}
+
+
+def quantity_gb(text: str) -> float | None:
+    """A Kubernetes memory quantity ("512Gi", "200G", "8589934592") in GB; None when it is not one."""
+    digits = text.rstrip("KMGTi")
+    try:
+        return float(digits) * _UNITS[text[len(digits):]] / 1e9
+    except (KeyError, ValueError):
+        return None
+
+
 def plan(cfg: KelixConfig, gpus: int, peak_tflops: float, mfu: float) -> tuple[dict, list[StagePlan]]:
     parts = build_parts(cfg)
     tok, aux, llm, bd, dit = (parts[k] for k in ("tokenizer", "aux", "llm", "block_decoder", "dit"))
@@ -175,10 +187,15 @@ def format_plan(cfg: KelixConfig, parts: dict, stages: list[StagePlan], gpus: in
     total = sum(s.gpu_hours for s in stages)
     per_node = max(1, cfg.runtime.default_resources.gpus)
     host = max(s.host_gb for s in stages) * per_node
+    asked = cfg.runtime.default_resources.memory
     lines += ["", f"Total: {total:,.0f} GPU-hours, {total / gpus:,.1f} hours of wall time on {gpus} GPUs.",
               f"Host memory per node ({per_node} GPU processes): up to {host:,.0f} GB for parked model copies "
-              f"(runtime.default_resources.memory asks for {cfg.runtime.default_resources.memory}).",
+              f"(runtime.default_resources.memory asks for {asked}).",
               "Estimates: see `kelix/plan.py` for the FLOP and memory model."]
+    if (quantity_gb(asked) or 0.0) < host:
+        lines.append(f"runtime.default_resources.memory ({asked}) is below the {host:,.0f} GB the parked copies need: "
+                     f"raise it (e.g. --set runtime.default_resources.memory={int(host * 1.5 / 1.074)}Gi) or pods will be "
+                     "OOM-killed while the tokenizer and LLM stages train.")
     if too_big:
         lines.append(f"{', '.join(too_big)} need more than {gpu_memory_gb:g} GB per GPU: use larger GPUs "
                      "(--gpu-memory-gb says what you have; an H200 has 141) or more of them (fewer examples per GPU).")

@@ -30,9 +30,20 @@ def test_paper_preset_on_meta_device():
     assert "GPU-hours" in text and "llm-2" in text
     assert "does not fit" not in text  # 80 GB GPUs hold every stage
     assert "up to 280 GB for parked model copies" in text  # 8 processes per node x 35 GB
+    assert "is below" not in text  # the paper preset's pods ask for 512Gi
+    low = load_config("paper", overrides=["runtime.default_resources.memory=200Gi"])
+    assert "runtime.default_resources.memory (200Gi) is below the 280 GB" in format_plan(low, parts, stages, 64, 989.0, 0.4)
     # 40 GB GPUs: the LLM's pre-training stage is flagged with what to do.
     small_gpus = format_plan(cfg, parts, stages, 64, 989.0, 0.4, gpu_memory_gb=40)
     assert "llm-2 |" in small_gpus and "(does not fit)" in small_gpus and "use larger GPUs" in small_gpus
+
+
+def test_quantity_gb():
+    from kelix.plan import quantity_gb
+
+    assert quantity_gb("512Gi") == pytest.approx(549.76, abs=0.01)
+    assert quantity_gb("200G") == 200.0 and quantity_gb("8589934592") == pytest.approx(8.59, abs=0.01)
+    assert quantity_gb("lots") is None and quantity_gb("12Xi") is None
 
 
 def test_meta_counts_equal_real_tiny_models():
