@@ -109,11 +109,21 @@ def world_size() -> int:
     return info.world_size if info else 1
 
 
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: NCCL (torchrun on GPUs) reduces only GPU tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """Elementwise sum over the ranks (the tensor itself on one process); every rank must call it."""
-    if current() is not None:
-        dist.all_reduce(tensor)
-    return tensor
+    """Elementwise sum over the ranks (the tensor itself on one process); every rank must call it. The result
+    is on the input's device, whichever device the backend reduces on."""
+    if current() is None:
+        return tensor
+    on = tensor.to(collective_device())
+    dist.all_reduce(on)
+    return on.to(tensor.device)
 
 
 def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
