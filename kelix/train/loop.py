@@ -11,6 +11,7 @@ run killed at step k and resumed gives the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import copy
+import gc
 import random
 import time
 from dataclasses import dataclass, field
@@ -110,10 +111,12 @@ def _autocast(device: torch.device, precision: str):
 
 def _over_budget(cfg: TrainConfig, t0: float) -> bool:
     """Ranks must agree on stopping, or one would wait forever in the next collective: rank 0 decides."""
-    over = cfg.time_budget_s > 0 and time.perf_counter() - t0 > cfg.time_budget_s
+    if cfg.time_budget_s <= 0:
+        return False  # every rank has the same config, so every rank skips the broadcast alike
+    over = time.perf_counter() - t0 > cfg.time_budget_s
     if distributed.current() is None:
         return over
-    flag = torch.tensor([1.0 if over else 0.0])
+    flag = torch.tensor([1.0 if over else 0.0], device=distributed.collective_device())
     torch.distributed.broadcast(flag, src=0)
     return bool(flag.item())
 
@@ -157,11 +160,13 @@ def train(
     fsdp = info is not None and info.strategy == "fsdp"
     # A stage that does not look at `model` while it trains (no checkpoint callback) gets it parked in host
     # memory meanwhile: the accelerator holds only the shards (an 8B LLM's whole copy is 35 GB per GPU).
-    # fully_shard moves the copy's shards to the accelerator unit by unit. (On a CPU the moves are no-ops.)
+    # (On a CPU the moves are no-ops.)
     park = fsdp and on_checkpoint is None
-    if park:
-        model.to("cpu")
     trained = copy.deepcopy(model) if fsdp else model
+    if park:
+        # After the copy, not before: a copy made in host memory would hold the model twice there, on every
+        # process of a node at once. On the accelerator the second copy lasts only until it is sharded below.
+        model.to("cpu")
     units = list(fsdp_units(trained)) if fsdp and fsdp_units else []
     forward_step = (distributed.wrap(_StepModule(trained, step_fn), info, units) if info
                     else (lambda batch: step_fn(model, batch)))
@@ -228,6 +233,7 @@ def train(
     if park:
         # The shards and their optimiser state go first, so the whole model fits where they were.
         del forward_step, optimizer, trained, units
+        gc.collect()  # FSDP2's module <-> state reference cycle keeps the shards alive until a collection
         model.to(device)
     return TrainResult(step=step, resumed_from=start, metrics=metrics, seconds=time.perf_counter() - t0,
                        stopped_by_budget=stopped)
