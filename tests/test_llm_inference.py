@@ -87,6 +87,9 @@ def test_top_k_and_top_p_keep_only_the_likeliest_ids():
     many = torch.stack([sample(logits, 1.0, 3, 1.0, torch.full((64,), q)) for q in torch.linspace(0, 0.999, 50)], 1)
     assert bool((many[..., None] == top3[:, None]).any(-1).all())
     assert len(set(many[0].tolist())) == 3  # all three are drawn, so the test sees sampling, not argmax
+    # bf16 logits and u near 1 (which bf16 rounds to 1.0) still draw a kept id.
+    edge = sample(logits.bfloat16(), 1.0, 2, 1.0, torch.full((64,), 0.9999))
+    assert bool((edge[:, None] == logits.bfloat16().float().topk(2).indices).any(-1).all())
     # top_p: the kept ids are the smallest set, likeliest first, holding top_p of the mass.
     probs = logits.softmax(-1)
     order = probs.argsort(-1, descending=True)

@@ -48,10 +48,15 @@ class _LLMStepper:
         self.h = h[:, -1]
 
 
+# Offsets the code draws' generator seeds from the DiT noise's (`flow.seeded_noise` uses seed + i as is), so an
+# image's codes and its noise come from different streams instead of the same numbers transformed.
+_CODE_STREAM = 1 << 62
+
+
 def seeded_uniforms(rows: int, count: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[rows, count] uniforms in [0, 1); row i is drawn from seed + i on the CPU, so a row's draws depend on
-    neither the batch it is in nor the device (as the DiT's `flow.seeded_noise`)."""
-    draws = [torch.rand(count, generator=torch.Generator().manual_seed(seed + i)) for i in range(rows)]
+    """[rows, count] uniforms in [0, 1); row i is drawn from its own generator (seed + i) on the CPU, so a
+    row's draws depend on neither the batch it is in nor the device."""
+    draws = [torch.rand(count, generator=torch.Generator().manual_seed(_CODE_STREAM + seed + i)) for i in range(rows)]
     return torch.stack(draws).to(device)
 
 
@@ -72,10 +77,13 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, u
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     # Inverse-CDF draw: same distribution as torch.multinomial at a fraction of its per-call cost, which
     # matters when one id is drawn per code.
-    cdf = logits.softmax(-1).cumsum(-1)
-    # right=True: the first id whose cdf exceeds the target, so u = 0 cannot land on a dropped (zero-mass) id.
+    # In float32 whatever the logits' dtype: in bf16, u near 1 rounds to 1 and the draw falls off the end.
+    cdf = logits.float().softmax(-1).cumsum(-1)
+    # right=True: the first id whose cdf exceeds the target, so u = 0 cannot land on a dropped (zero-mass) id;
+    # the clamp keeps a rounding overshoot on the last id that has mass (the first where the cdf is complete).
     target = u.to(cdf)[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_max(cdf.shape[-1] - 1)
+    last = (cdf < cdf[:, -1:]).sum(-1)
+    return torch.minimum(torch.searchsorted(cdf, target, right=True)[:, 0], last)
 
 
 def _text_block(ids: torch.Tensor, n: int) -> torch.Tensor:
