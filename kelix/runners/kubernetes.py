@@ -186,15 +186,19 @@ class KubernetesRunner:
     def _create(self, create: Callable[..., Any], read: Callable[..., Any], namespace: str,
                 body: dict[str, Any]) -> dict[str, Any]:
         """Create an object, or take the one an earlier attempt made: when the API server acted but its answer
-        was lost (a 503/504 on the way back), `_call`'s retry meets 409 AlreadyExists. The names are derived
-        from the stage key, so an object of that name is this stage's."""
+        was lost (a 503/504 on the way back), `_call`'s retry meets 409 AlreadyExists. Names come from the stage
+        key, so a live object of that name with the same owner is the one this call made. One being deleted, or
+        owned by another Job (an earlier run's Service), is not taken: the 409 stands."""
         from kubernetes.client.exceptions import ApiException
 
         try:
             return json.loads(self._call(create, namespace, body, _preload_content=False).data)
         except ApiException as exc:
             existing = self._json(read, body["metadata"]["name"], namespace) if exc.status == 409 else None
-            if existing is None:
+            meta = (existing or {}).get("metadata") or {}
+            owners = {r.get("uid") for r in meta.get("ownerReferences") or []}
+            wanted = {r.get("uid") for r in body["metadata"].get("ownerReferences") or []}
+            if existing is None or meta.get("deletionTimestamp") or owners != wanted:
                 raise
             return existing
 

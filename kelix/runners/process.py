@@ -66,8 +66,9 @@ class SubprocessRunner:
             params_file.write_text(params_yaml(cfg))
             cmd = self.command(name, cfg, params_file, data_dir, artifacts, force)
             log.info("%s: %s", name, " ".join(cmd[1:]))
+            # errors="replace": a stray non-UTF-8 byte in the child's output must not stop the reader thread.
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                    bufsize=1, start_new_session=True)
+                                    bufsize=1, start_new_session=True, errors="replace")
             # The output is read on a thread so that the timeout also stops a child that hangs without a word.
             reader = threading.Thread(target=_forward, args=(proc, name, tail, log), daemon=True)
             reader.start()
@@ -84,7 +85,8 @@ class SubprocessRunner:
                 # Interrupted (Ctrl-C, cancelled flow): stop the child's whole process group.
                 _terminate(proc)
                 raise
-            reader.join()
+            # A grandchild that inherited the pipe can keep it open after the child exits: do not wait on it.
+            reader.join(timeout=10)
         seconds = time.perf_counter() - t0
         if rc == 0:
             return finished_result(store, name, key, seconds)
@@ -108,7 +110,10 @@ def _forward(proc: subprocess.Popen, name: str, tail: collections.deque, log) ->
     for line in proc.stdout:
         line = line.rstrip()
         tail.append(line)
-        log.info("[%s] %s", name, line)
+        try:
+            log.info("[%s] %s", name, line)
+        except Exception:  # noqa: BLE001 - a failing log handler must not stop the draining (the child would block)
+            pass
 
 
 def _terminate(proc: subprocess.Popen) -> None:
