@@ -9,7 +9,8 @@ assumptions (printed with the table):
   sharded state (16 bytes per trainable parameter: weight, gradient, two Adam moments; 4 per frozen) / GPUs
   + the loop's unsharded copy of the model (4 bytes per parameter), only in the stages that look at it while
     they train (the DiT stages' sample grids and EMA); the tokenizer and LLM stages park it in host memory,
-    which the table gives per GPU process (a node of 8 GPUs needs 8 times that in RAM)
+    which the table gives per GPU process (a node of 8 GPUs needs 8 times that in RAM). Not in the table: at
+    a stage's start, until the copy is sharded, the GPU briefly holds the whole model twice
   + gathered weights: the root unit whole (4 x its parameters) and two units in flight (the LLM's decoder
     layers are units; the other models are one root unit)
   + the root unit's unsharded gradients before their reduce-scatter (4 x its trainable parameters)
@@ -188,11 +189,13 @@ def format_plan(cfg: KelixConfig, parts: dict, stages: list[StagePlan], gpus: in
     per_node = max(1, cfg.runtime.default_resources.gpus)
     host = max(s.host_gb for s in stages) * per_node
     asked = cfg.runtime.default_resources.memory
-    lines += ["", f"Total: {total:,.0f} GPU-hours, {total / gpus:,.1f} hours of wall time on {gpus} GPUs.",
-              f"Host memory per node ({per_node} GPU processes): up to {host:,.0f} GB for parked model copies "
-              f"(runtime.default_resources.memory asks for {asked}).",
-              "Estimates: see `kelix/plan.py` for the FLOP and memory model."]
-    if (quantity_gb(asked) or 0.0) < host:
+    fsdp = cfg.runtime.distributed == "fsdp"  # only the FSDP loop parks a copy in host memory
+    lines += ["", f"Total: {total:,.0f} GPU-hours, {total / gpus:,.1f} hours of wall time on {gpus} GPUs."]
+    if fsdp:
+        lines.append(f"Host memory per node ({per_node} GPU processes): up to {host:,.0f} GB for parked model copies "
+                     f"(runtime.default_resources.memory asks for {asked}).")
+    lines.append("Estimates: see `kelix/plan.py` for the FLOP and memory model.")
+    if fsdp and (quantity_gb(asked) or 0.0) < host:
         lines.append(f"runtime.default_resources.memory ({asked}) is below the {host:,.0f} GB the parked copies need: "
                      f"raise it (e.g. --set runtime.default_resources.memory={int(host * 1.5 / 1.074)}Gi) or pods will be "
                      "OOM-killed while the tokenizer and LLM stages train.")
