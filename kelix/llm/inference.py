@@ -148,19 +148,16 @@ def generate_codes(llm: KelixLLM, text_tok: TextTokenizer, prompts: list[str], c
     seqs = [builder.generation_prompt(p) for p in prompts] + [builder.generation_prompt("")] * (b if guided else 0)
     table = llm.embedding_table()
     lm = _LLMStepper(llm, collate(seqs, v, left_pad=True).to(device), table, use_cache)
-    # One draw per code; both modes pick every code of every position exactly once, in the same order.
+    # One draw per code: code i of position p uses draw p * n + i, in both modes.
     draws = seeded_uniforms(b, num_positions * n, seed, device)
-    drawn = 0
     ranges = [v.codebook_range(i) for i in range(n)]
     heads = [llm.lm.lm_head.weight[start:stop] for start, stop in ranges]
 
-    def choose(out: torch.Tensor, i: int) -> torch.Tensor:
-        nonlocal drawn
+    def choose(out: torch.Tensor, p: int, i: int) -> torch.Tensor:
         logits = F.linear(out, heads[i])
         if guided:
             logits = torch.lerp(logits[b:], logits[:b], cfg_scale)
-        drawn += 1
-        return sample(logits, temperature, top_k, top_p, draws[:, drawn - 1])
+        return sample(logits, temperature, top_k, top_p, draws[:, p * n + i])
 
     def both(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x]) if guided else x
@@ -170,14 +167,14 @@ def generate_codes(llm: KelixLLM, text_tok: TextTokenizer, prompts: list[str], c
         if mode == "nbp":
             state, out = llm.block_decoder.start(lm.h, use_cache)
             for i in range(n):
-                code = codes[:, p, i] = choose(out, i)
+                code = codes[:, p, i] = choose(out, p, i)
                 if i < n - 1:
                     out = llm.block_decoder.step(state, both(table[code + ranges[i][0]]), use_cache)
             if p < num_positions - 1:
                 lm.step(both(v.codes_to_ids(codes[:, p])), p)
         else:
             for i in range(n):
-                codes[:, p, i] = choose(lm.h, i)
+                codes[:, p, i] = choose(lm.h, p, i)
                 if p < num_positions - 1 or i < n - 1:
                     lm.step(both(_text_block(codes[:, p, i] + ranges[i][0], n)), p)
     return codes

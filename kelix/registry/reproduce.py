@@ -116,16 +116,14 @@ def prepare_data(rec: Recorded, work_dir: Path, log: Callable[[str], None]) -> P
     want = rec.lineage.get("data_fingerprint", "unknown")
     version = rec.lineage.get("data_version", "unknown")
     data = data_path(rec.cfg)
-    # The folder the pipeline read (`--data` may differ from data.root), when it still holds that data.
-    recorded_dir = Path(rec.lineage.get("data_dir") or data)
-    if want != "unknown" and recorded_dir != data and _fingerprint(recorded_dir) == want:
-        data = recorded_dir
     if want == "unknown":
         log(f"warning: the version records no data fingerprint: using {data} unverified")
         return data
-    if _fingerprint(data) == want:
-        log(f"data: {data} is the recorded version ({version})")
-        return data
+    # The folder the pipeline read first (`--data` may differ from data.root), then data.root; each hashed once.
+    for candidate in dict.fromkeys([Path(rec.lineage.get("data_dir") or data), data]):
+        if _fingerprint(candidate) == want:
+            log(f"data: {candidate} is the recorded version ({version})")
+            return candidate
     if version in ("", "unknown") or version.startswith("content:"):
         raise ReproduceError(f"{data} does not hold the recorded dataset (fingerprint {want}) and DVC did not track "
                              f"it: regenerate it with the recorded config (`kelix data generate`) or restore it")
