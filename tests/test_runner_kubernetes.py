@@ -585,3 +585,34 @@ def test_an_api_server_that_stays_unavailable_fails_transiently_after_five_tries
     assert _served(env, reads) == 5
     creates = env["cluster"].on_server(lambda emu: list(emu[kmock.action.CREATE, kmock.namespace(env["namespace"])]))
     assert creates == []  # it gave up before starting anything
+
+
+def test_a_409_takes_only_a_live_object_this_job_owns(env):
+    """A Service of the stage's name left by an earlier Job (another owner uid), or one being deleted, is not
+    taken for the one this Job wanted: the 409 stands. One with this Job's uid is taken."""
+    from kubernetes.client.exceptions import ApiException
+
+    runner, ns, core = _runner(env), env["namespace"], env["cluster"].core
+
+    def service(name: str, owner_uid: str, deleting: bool = False) -> dict:
+        meta = {"name": name, "namespace": ns,
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "kelix-x", "uid": owner_uid}]}
+        if deleting:
+            # Foreground deletion: the object stays, marked, until its dependents are gone.
+            meta.update(deletionTimestamp="2026-11-28T00:00:00Z", finalizers=["foregroundDeletion"])
+        return {"apiVersion": "v1", "kind": "Service", "metadata": meta,
+                "spec": {"clusterIP": "None", "ports": [{"port": 29500}]}}
+
+    def create(body: dict) -> dict:
+        return runner._create(core.create_namespaced_service, core.read_namespaced_service, ns, body)
+
+    create(service("mine", "uid-1"))
+    assert create(service("mine", "uid-1"))["metadata"]["name"] == "mine"  # the lost answer's object: taken
+    create(service("earlier", "uid-0"))
+    with pytest.raises(ApiException) as info:
+        create(service("earlier", "uid-1"))  # an earlier run's Service: not ours
+    assert info.value.status == 409
+    create(service("going", "uid-1", deleting=True))
+    with pytest.raises(ApiException) as info:
+        create(service("going", "uid-1"))  # being deleted: it will vanish under us
+    assert info.value.status == 409
