@@ -116,6 +116,26 @@ def test_corrupt_checkpoint_is_reported_and_skipped(tmp_path):
         load_checkpoint(older)
 
 
+def test_saving_below_corrupt_later_checkpoints_keeps_the_new_one_and_its_predecessor(tmp_path):
+    """A run resumes from step 4 because steps 8 and 12 are corrupt; its next checkpoints must survive pruning
+    (counting the corrupt later folders would delete the checkpoint just written and the good one before it)."""
+    from kelix.train.checkpoint import save_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    for step in (4, 8, 12):
+        save_checkpoint(ckpts, step, {"w": torch.ones(2)}, {}, keep=3)
+    for step in (8, 12):
+        (ckpts / f"step_{step:07d}" / "optim.pt").write_bytes(b"garbage")
+    assert latest_checkpoint(ckpts, warn=lambda _: None).step == 4
+    save_checkpoint(ckpts, 6, {"w": torch.ones(2)}, {}, keep=2)
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_0000004", "step_0000006", "step_0000008", "step_0000012"]
+    save_checkpoint(ckpts, 7, {"w": torch.ones(2)}, {}, keep=2)
+    assert [p.name for p in list_checkpoints(ckpts)][:2] == ["step_0000006", "step_0000007"]
+    assert latest_checkpoint(ckpts, warn=lambda _: None).step == 7
+    save_checkpoint(ckpts, 8, {"w": torch.ones(2)}, {}, keep=2)  # training passes the corrupt one: replaced
+    assert latest_checkpoint(ckpts, warn=lambda _: None).step == 8
+
+
 def test_half_written_checkpoint_is_ignored(tmp_path):
     model, get_batch, step_fn = _problem()
     train(model, [{"params": model.parameters()}], get_batch, step_fn, _cfg(num_steps=4), tmp_path, progress=False)

@@ -73,9 +73,22 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(ckpt_dir)
-    for old in list_checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(ckpt_dir, step, keep)
     return final
+
+
+def prune_checkpoints(ckpt_dir: Path, step: int, keep: int) -> None:
+    """After saving `step`, delete all but the `keep - 1` newest checkpoints *older* than it.
+
+    Folders of later steps are left alone: they exist only when a run resumed below them because they failed
+    to verify, and counting them would delete the checkpoint just written and the good one before it."""
+    older = [p for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) < step]
+    for old in older[:max(len(older) - (keep - 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).name[len(PREFIX):])
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -84,7 +97,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
     found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=checkpoint_step)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -118,7 +131,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 
 def latest_checkpoint(ckpt_dir: Path, warn=print) -> Checkpoint | None:
-    """The newest checkpoint that verifies; corrupt ones are reported and skipped, never deleted."""
+    """The newest checkpoint that verifies; corrupt ones are reported and skipped (left for a later save at their step to replace)."""
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
             return load_checkpoint(path)

@@ -142,7 +142,7 @@ def save_dcp(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch
              extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
     """Every rank writes its shard into one folder (a shared filesystem); rank 0 finishes it atomically."""
     from kelix.files import file_sha256
-    from kelix.train.checkpoint import PREFIX, list_checkpoints
+    from kelix.train.checkpoint import PREFIX, prune_checkpoints
 
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"{PREFIX}{step:07d}"
@@ -161,8 +161,7 @@ def save_dcp(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in list_checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(ckpt_dir, step, keep)
     _barrier()
     return final
 
