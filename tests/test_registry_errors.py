@@ -159,6 +159,35 @@ def test_promotion_whose_alias_moved_under_the_lock_is_a_conflict(registry, monk
         pass
 
 
+def test_a_champion_that_cannot_be_read_stops_the_promotion(registry, monkeypatch):
+    """A registry read that fails (a locked database, a 503) is not "no champion": the gate would skip the
+    regression check and promote a version that is worse than the champion."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    import kelix.registry.release as release
+
+    name = "m-unreadable-champion"
+    cfg = cfg_for(name)
+    start = add_version(registry, name, GOOD)
+    assert promote(start, cfg, "baseline").promoted
+    worse = add_version(registry, name, {**GOOD, "vqa_accuracy": 0.6})
+
+    class Locked(MlflowClient):
+        def get_model_version_by_alias(self, name, alias):
+            if alias == CHAMPION:
+                raise MlflowException("(sqlite3.OperationalError) database is locked")
+            return super().get_model_version_by_alias(name, alias)
+
+    monkeypatch.setattr(release, "configure", lambda: Locked(tracking_uri=tracking_uri(), registry_uri=tracking_uri()))
+    with pytest.raises(RegistryError, match=r"could not read alias 'champion' of model 'm-unreadable-champion' .*"
+                                            r"database is locked.*nothing was changed"):
+        promote(worse, cfg, "looks fine")
+    monkeypatch.undo()
+    assert aliases(name)[CHAMPION] == start
+    assert not promote(worse, cfg, "read again").promoted  # with the champion readable, the gate refuses it
+
+
 def test_rollback_whose_alias_moved_under_the_lock_is_a_conflict(registry, monkeypatch):
     name = "m-conflict-rollback"
     cfg = cfg_for(name)

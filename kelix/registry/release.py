@@ -100,12 +100,19 @@ def _actor(actor: str | None) -> str:
 
 
 def _alias(client, name: str, alias: str) -> str | None:
+    """The version `alias` points at, or None when nobody holds it (or the model has no versions yet).
+
+    Only those two answers mean "no holder": any other failure (a locked SQLite file, a 503 from the tracking
+    server) is raised, or a gate would skip the regression check against a champion it failed to read."""
     from mlflow.exceptions import MlflowException
 
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            return None
+        raise RegistryError(f"could not read alias {alias!r} of model {name!r} from the registry ({exc}); "
+                            "nothing was changed: check the tracking server and retry") from exc
 
 
 def _version(client, name: str, version: str):

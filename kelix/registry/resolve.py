@@ -41,6 +41,9 @@ def resolve_version(uri: str) -> tuple[str, str]:
     try:
         return name, str(configure().get_model_version_by_alias(name, alias).version)
     except MlflowException as exc:
+        if exc.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            raise RegistryError(f"could not read alias {alias!r} of {name!r} from {tracking_uri()} ({exc}): check the "
+                                "tracking server and retry") from exc
         raise RegistryError(f"no version of {name!r} has alias {alias!r} in {tracking_uri()}: register and promote "
                             f"a model first (`kelix registry status` shows what exists)") from exc
 
