@@ -64,6 +64,10 @@ class Context:
         if settings.runner == "local":
             options.setdefault("progress", settings.progress)
         self.runner = get_runner(settings.runner, **options)
+        if settings.mlflow_uri:
+            # The registry (kelix.registry.store.tracking_uri) reads the environment: set it now, not only when
+            # the tracker is first used, or a flow that only registers/promotes would write to another store.
+            os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow_uri
 
     @cached_property
     def tracker(self):

@@ -291,3 +291,15 @@ def test_cli_refuses_the_kubernetes_runner_with_a_local_store(capsys, tmp_path):
 
     assert main(["pipeline", "run", "--runner", "kubernetes", "--artifacts", str(tmp_path)]) == 2
     assert "s3://" in capsys.readouterr().err
+
+
+def test_the_settings_mlflow_uri_is_the_registry_store_from_the_start(tmp_path, monkeypatch):
+    """A flow that only registers or promotes never touches `ctx.tracker`: the registry must still use the
+    store given in the settings, not the environment's."""
+    from flows.common import Context, RunSettings
+    from kelix.registry.store import tracking_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    wanted = f"sqlite:///{tmp_path / 'mine.db'}"
+    Context(RunSettings(mlflow_uri=wanted, artifacts=str(tmp_path / "artifacts"), data=str(tmp_path / "data")))
+    assert tracking_uri() == wanted
