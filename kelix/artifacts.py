@@ -17,6 +17,8 @@ from typing import Any
 
 import fsspec
 
+from kelix.files import replace_atomically
+
 STATUS_FILE = "_STATUS.json"
 SUCCESS, FAILED, RUNNING = "SUCCESS", "FAILED", "RUNNING"
 
@@ -63,11 +65,27 @@ class ArtifactStore:
             self.fs.pipe_file(f"{self._remote_path(stage, key)}/{STATUS_FILE}", json.dumps(record, indent=1).encode())
 
     def pull(self, stage: str, key: str) -> Path:
-        """Make a stage's outputs available locally (a no-op for a local store)."""
+        """Make a stage's outputs available locally (a no-op for a local store).
+
+        The mirror counts as complete only once it holds a SUCCESS marker, which is written after every file.
+        Each file arrives under a per-process name and is renamed into place, so a pull killed half-way is
+        redone by the next one, and processes pulling the same folder at once (torchrun ranks sharing a
+        cache) never read a file another one is still writing."""
         local = self.local_dir(stage, key)
-        if self.remote and not (local / STATUS_FILE).exists():
-            local.mkdir(parents=True, exist_ok=True)
-            self.fs.get(self._remote_path(stage, key) + "/", str(local) + "/", recursive=True)
+        marker = local / STATUS_FILE
+        if not self.remote or (marker.exists() and json.loads(marker.read_text()).get("status") == SUCCESS):
+            return local
+        remote = self._remote_path(stage, key)
+        for path in sorted(self.fs.find(remote)):
+            rel = path[len(remote) + 1:]  # find() answers in the same protocol-less form as the root
+            if rel == STATUS_FILE:
+                continue
+            dest = local / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            replace_atomically(dest, lambda tmp, src=path: self.fs.get_file(src, str(tmp)))
+        status = self.fs.cat_file(f"{remote}/{STATUS_FILE}") if self.fs.exists(f"{remote}/{STATUS_FILE}") else None
+        if status is not None:
+            replace_atomically(marker, lambda tmp: tmp.write_bytes(status))
         return local
 
     def push(self, stage: str, key: str) -> None:

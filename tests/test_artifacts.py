@@ -1,0 +1,67 @@
+"""The artifact store's remote mirror, on fsspec's in-memory filesystem: push, mark, pull, and pulls that die."""
+from __future__ import annotations
+
+import json
+import uuid
+
+import fsspec
+import pytest
+
+from kelix.artifacts import FAILED, STATUS_FILE, SUCCESS, ArtifactStore
+
+
+@pytest.fixture
+def stores(tmp_path):
+    """(writer, reader): two processes' views of one memory:// store, each with its own local mirror."""
+    uri = f"memory://kelix-{uuid.uuid4().hex[:8]}"
+    writer = ArtifactStore(uri, cache_dir=tmp_path / "writer")
+    local = writer.local_dir("llm-1", "k1")
+    (local / "model").mkdir(parents=True)
+    (local / "model" / "weights.bin").write_bytes(b"w" * 1000)
+    (local / "metrics.json").write_text('{"loss": 0.5}')
+    writer.push("llm-1", "k1")
+    writer.mark("llm-1", "k1", SUCCESS)
+    yield writer, ArtifactStore(uri, cache_dir=tmp_path / "reader")
+    fsspec.filesystem("memory").rm(writer.root, recursive=True)
+
+
+def test_a_pull_brings_every_file_then_the_marker(stores):
+    _, reader = stores
+    local = reader.pull("llm-1", "k1")
+    assert (local / "model" / "weights.bin").read_bytes() == b"w" * 1000
+    assert json.loads((local / "metrics.json").read_text()) == {"loss": 0.5}
+    assert json.loads((local / STATUS_FILE).read_text())["status"] == SUCCESS
+    assert sorted(p.name for p in local.rglob("*")) == [STATUS_FILE, "metrics.json", "model", "weights.bin"]
+
+
+def test_a_pull_killed_half_way_is_redone_by_the_next(stores, monkeypatch):
+    """The marker sorts first in a listing and used to arrive with the first files: a pull killed after it
+    left a folder that every later pull took as complete."""
+    _, reader = stores
+    real_get, fetched = reader.fs.get_file, []
+
+    def dies_after_one_file(src, dst, *args, **kwargs):
+        if fetched:
+            raise KeyboardInterrupt("pod evicted")
+        fetched.append(src)
+        return real_get(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(reader.fs, "get_file", dies_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        reader.pull("llm-1", "k1")
+    local = reader.local_dir("llm-1", "k1")
+    assert not (local / STATUS_FILE).exists()
+    # What arrived under its real name is whole; the file being fetched when it died is not there at all.
+    assert (local / "metrics.json").read_text() == '{"loss": 0.5}' and not (local / "model" / "weights.bin").exists()
+    monkeypatch.undo()
+    reader.pull("llm-1", "k1")
+    assert (local / "model" / "weights.bin").read_bytes() == b"w" * 1000 and (local / "metrics.json").exists()
+
+
+def test_a_mirror_left_failed_by_a_local_run_pulls_the_finished_outputs(stores):
+    writer, reader = stores
+    reader.mark("llm-1", "k1", FAILED)  # this machine ran the stage and failed; another finished it since
+    writer.mark("llm-1", "k1", SUCCESS)
+    local = reader.pull("llm-1", "k1")
+    assert (local / "model" / "weights.bin").exists()
+    assert json.loads((local / STATUS_FILE).read_text())["status"] == SUCCESS
