@@ -81,3 +81,17 @@ def test_load_images_matches_dataset_and_caches(ds):
         (ds / MANIFEST).write_text("".join(lines))
     _, resized = load_images(ds, "val", image_size=32)
     assert resized.shape == (10, 3, 32, 32)
+
+
+def test_a_rewritten_image_under_an_unchanged_manifest_is_decoded_again(tmp_path):
+    """A re-import can replace an image file and leave manifest.jsonl byte-identical."""
+    from PIL import Image
+
+    ds = generate_shapes(tmp_path / "shapes", num_train=6, num_val=2, num_test=2)
+    keys, before = load_images(ds, "val")
+    rec = next(iter_records(ds, "val"))
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(ds / rec["image"])
+    keys2, after = load_images(ds, "val")
+    assert keys2 == keys and not torch.equal(after[0], before[0])
+    assert after[0, :, 0, 0].tolist() == [255, 0, 0] and torch.equal(after[1], before[1])
+    assert len(list(ds.with_name(ds.name + ".cache").glob("val-*"))) == 2  # one .npy and its keys, nothing stale

@@ -1,15 +1,15 @@
 """Readers for the dataset format: a record stream, torch datasets, and a cached in-RAM image tensor.
 
 Training on 64 px images is bound by PNG decoding, not by the model, so `load_images` decodes a split once
-into one uint8 array kept next to the dataset (`<root>.cache/`), keyed by a fingerprint of the manifest so
-a regenerated or re-validated dataset never serves stale pixels. Quarantined keys are skipped everywhere,
+into one uint8 array kept next to the dataset (`<root>.cache/`), keyed by a fingerprint of the manifest and
+of the image files (size, mtime) so a regenerated, re-imported or re-validated dataset never serves stale
+pixels. Quarantined keys are skipped everywhere,
 even in the short window where validation has written the quarantine but not yet rewritten the manifest.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from kelix.data.format import MANIFEST, QUARANTINE, SPLITS, DatasetError, iter_manifest_lines, quarantined_keys, resolve_inside
+from kelix.files import replace_atomically
 
 
 def iter_records(root: str | Path, split: str | None = None) -> Iterator[dict]:
@@ -106,12 +107,25 @@ def collate(batch: list[dict]) -> dict:
 
 
 def _fingerprint(root: Path, split: str, image_size: int | None) -> str:
+    """Manifest, quarantine and each of the split's image files' size and mtime: a re-import that rewrites an
+    image but leaves the manifest byte-identical must not be served the old decode."""
     h = hashlib.sha1(f"{split}/{image_size}".encode())
     for name in (MANIFEST, QUARANTINE):
         p = root / name
         if p.exists():
             h.update(p.read_bytes())
+    for rec in iter_records(root, split):
+        try:
+            st = (root / rec["image"]).stat()
+            h.update(f"{rec['image']}:{st.st_size}:{st.st_mtime_ns};".encode())
+        except OSError:
+            h.update(f"{rec['image']}:missing;".encode())  # open_image reports it
     return h.hexdigest()[:16]
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # a file object: np.save would append ".npy" to a temporary name
+        np.save(fh, arr)
 
 
 def load_images(root: str | Path, split: str, image_size: int | None = None,
@@ -141,11 +155,12 @@ def load_images(root: str | Path, split: str, image_size: int | None = None,
     try:
         cache.mkdir(parents=True, exist_ok=True)
         for old in cache.glob(f"{split}-*"):
-            old.unlink()  # stale decodes of an earlier manifest: derived data, safe to drop
-        tmp = npy.with_name(npy.name + ".tmp.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, npy)
-        keys_file.write_text(json.dumps(keys))
+            if fp not in old.name and ".tmp-" not in old.name:  # another process's write in flight is its own
+                old.unlink(missing_ok=True)  # stale decodes of an earlier dataset state: derived data, safe to drop
+        # Per-process temporary names and renames: torchrun ranks fill the same cache at once, and one that
+        # finds both files must find them whole (keys first, so the array's presence implies the keys').
+        replace_atomically(keys_file, lambda tmp: tmp.write_text(json.dumps(keys)))
+        replace_atomically(npy, lambda tmp: _save_npy(tmp, arr))
     except OSError:
         pass  # a read-only location only costs the speed-up
     return keys, torch.from_numpy(arr)
