@@ -104,3 +104,24 @@ def test_stages_end_to_end(upstream):
 def _max_diff(a: list[Image.Image], b: list[Image.Image]) -> int:
     """Largest pixel difference between two lists of images (batched float maths may round 1 level apart)."""
     return max(int(np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max()) for x, y in zip(a, b))
+
+
+def test_a_dit_stage_seeds_its_initial_weights_from_the_schedule_its_key_covers():
+    """aedit's key leaves out dit.train1: its initial weights must not depend on train1's seed."""
+    from types import SimpleNamespace
+
+    import kelix.stages as stages
+    from kelix.dit.stages import _new_model
+
+    def init(*overrides):
+        cfg = load_config("tiny", overrides=list(overrides))
+        ctx = SimpleNamespace(cfg=cfg, device=torch.device("cpu"))
+        return _new_model(ctx, 8, cfg.dit.train_ae).transformer.patch_embed.proj.weight
+
+    def aedit_key(*overrides):
+        return stages.stage_keys(load_config("tiny", overrides=list(overrides)), "data", ["aedit"])["aedit"]
+
+    assert aedit_key("dit.train1.seed=7") == aedit_key()
+    assert torch.equal(init("dit.train1.seed=7"), init())
+    assert aedit_key("dit.train_ae.seed=7") != aedit_key()
+    assert not torch.equal(init("dit.train_ae.seed=7"), init())

@@ -34,6 +34,7 @@ from kelix.dit.model import KelixDiT
 from kelix.dit.pipeline import generate_images, psnr, same_objects, tokenizer_condition, to_tensor
 from kelix.dit.trainer import DiTData, eval_loss, grid_image, per_example_loss, train_dit
 from kelix.files import replace_atomically
+from kelix.train.config import TrainConfig
 
 CACHE = "cond_cache.safetensors"
 PREVIEW = 8
@@ -102,8 +103,10 @@ def _load_llm(ctx):
     return KelixLLM.from_pretrained(llm_dir / "model", map_location=ctx.device).to(ctx.device).eval(), TextTokenizer.load(llm_dir)
 
 
-def _new_model(ctx, cond_dim: int) -> KelixDiT:
-    torch.manual_seed(ctx.cfg.dit.train1.seed)  # the initial weights are part of the stage's result
+def _new_model(ctx, cond_dim: int, schedule: TrainConfig) -> KelixDiT:
+    # The initial weights are part of the stage's result: seeded by the stage's own schedule, which its key
+    # covers (aedit's key leaves out train1, so seeding it from train1 reused a stale aedit on a change).
+    torch.manual_seed(schedule.seed)
     return KelixDiT.from_config(ctx.cfg.dit, cond_dim).to(ctx.device)
 
 
@@ -154,7 +157,7 @@ def aedit(ctx) -> dict[str, float]:
     records, images = load_split(ctx.data_dir, "train", size)
     val_records, val_images = load_split(ctx.data_dir, "val", size, limit=dcfg.num_eval_images)
     tokenizer = _load_tokenizer(ctx)
-    model = _new_model(ctx, tokenizer.embed_dim)
+    model = _new_model(ctx, tokenizer.embed_dim, dcfg.train_ae)
     model.cfg.guidance_scale = dcfg.ae_guidance_scale  # saved with the model: reconstruct() samples with it
     keys = [r["key"] for r in records + val_records]
     cache = _cached(ctx.out_dir / CACHE, keys, lambda: {
@@ -185,7 +188,7 @@ def pretrain(ctx) -> dict[str, float]:
     t0 = time.perf_counter()
     tokenizer = _load_tokenizer(ctx)
     llm, text_tok = _load_llm(ctx)
-    model = _new_model(ctx, llm.lm.config.hidden_size)
+    model = _new_model(ctx, llm.lm.config.hidden_size, ctx.cfg.dit.train1)
     _, _, data, _, val_images, val = _llm_data(ctx, tokenizer, llm, text_tok, ctx.out_dir / CACHE, model)
     result = train_dit(model, data, ctx.cfg.dit.train1, ctx.out_dir, ctx.name, _preview(model, val, val_images),
                        ctx.cfg.dit.grid_every, ctx.logger, ctx.progress)
