@@ -57,6 +57,7 @@ def test_bad_records_are_quarantined_and_fail_over_the_limit(ds):
     recs[5]["image"] = "../../etc/passwd"  # path leaving the dataset
     recs[6]["split"] = "dev"
     recs[8]["key"] = recs[7]["key"]  # duplicate key: both are suspect
+    recs[9]["caption"] = "  \n\t  "  # only whitespace: as empty as ""
     lines = [json.dumps(r) for r in recs]
     lines.insert(10, "{broken json")
     (ds / MANIFEST).write_text("\n".join(lines) + "\n")
@@ -67,28 +68,28 @@ def test_bad_records_are_quarantined_and_fail_over_the_limit(ds):
     reasons = {b["key"]: "; ".join(b["reasons"]) for b in report.bad if b["key"]}
     assert "does not decode" in reasons[recs[0]["key"]] and "does not decode" in reasons[recs[1]["key"]]
     assert "not found" in reasons[recs[2]["key"]]
-    assert "caption length" in reasons[recs[3]["key"]]
+    assert "caption length" in reasons[recs[3]["key"]] and "caption length" in reasons[recs[9]["key"]]
     assert "qa answers non-empty" in reasons[recs[4]["key"]]
     assert "'..'" in reasons[recs[5]["key"]]
     assert "split known" in reasons[recs[6]["key"]]
     assert "duplicate key" in reasons[recs[7]["key"]]
     assert any("line 11 is not a JSON object" in "; ".join(b["reasons"]) for b in report.bad)
-    assert len(report.bad) == 10
+    assert len(report.bad) == 11
 
     # Moved, not deleted: quarantine holds every bad record with its reason, the manifest the rest.
     quarantine = _lines(ds / QUARANTINE)
     manifest = _lines(ds / MANIFEST)
-    assert len(quarantine) == 10 and len(manifest) == 191  # 200 records + 1 broken line - 10
+    assert len(quarantine) == 11 and len(manifest) == 190  # 200 records + 1 broken line - 11
     assert all(q["reason"] for q in quarantine)
     assert next(q for q in quarantine if q["line"] == 11)["raw"] == "{broken json"
     assert {r["key"] for r in manifest}.isdisjoint({q["key"] for q in quarantine if q["key"]})
-    assert len(list(iter_records(ds))) == 191
-    assert "## Bad records (10, moved to `quarantine.jsonl`)" in report.to_markdown()
+    assert len(list(iter_records(ds))) == 190
+    assert "## Bad records (11, moved to `quarantine.jsonl`)" in report.to_markdown()
 
     # Re-validating the cleaned manifest still counts what was quarantined: a dirty dataset stays failed.
     again = validate(ds, CFG)
-    assert not again.bad and again.previously_quarantined == 10 and not again.passed
-    assert len(_lines(ds / QUARANTINE)) == 10
+    assert not again.bad and again.previously_quarantined == 11 and not again.passed
+    assert len(_lines(ds / QUARANTINE)) == 11
 
 
 def test_few_bad_records_pass_but_are_still_quarantined(ds):

@@ -109,6 +109,7 @@ def check_record(root: Path, rec: dict, cfg: DataConfig) -> dict:
     if not isinstance(row["caption"], str):
         problems.append("caption is missing or not a string")
         row["caption"] = ""
+    row["caption"] = row["caption"].strip()  # the length check counts text, not whitespace ("   " is empty)
     qa = rec.get("qa", [])
     if not isinstance(qa, list) or not all(isinstance(p, dict) for p in qa):
         problems.append("qa is not a list of objects")
