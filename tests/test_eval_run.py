@@ -111,6 +111,14 @@ def test_sample_selection_is_deterministic_and_balanced(shapes):
     assert len(pal) == 7 and [len(p.objects) for p in pal] == [1, 2, 3, 1, 2, 3, 1] and pal[1].relation == "left of"
 
 
+def test_prompts_outside_the_shapes_grammar_are_left_out(shapes):
+    """Imported datasets keep their captions as prompts; the detector can only check shapes prompts."""
+    records = list(iter_records(shapes, "test"))[:6]
+    foreign = [{"key": "dog", "prompt": "a dog on a beach"}, {"key": "empty", "prompt": ""}]
+    assert generation_prompts(foreign + records, 4) == generation_prompts(records, 4)
+    assert generation_prompts(foreign, 4) == []  # the evaluation then falls back to palette_prompts
+
+
 def test_markdown_marks_failed_thresholds():
     md = markdown({"vqa_accuracy": 0.4, "tok_util_0": 0.5, "tok_ppl_0": 3.0}, {}, {"vqa_accuracy": 0.5, "geneval_overall": 0.2})
     assert "| vqa_accuracy | 0.4000 | 0.5000 | no |" in md

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kelix.data.format import DatasetError
 from kelix.eval import metrics as M
 from kelix.eval.report import write_reports
 from kelix.eval.samples import first_records, generation_prompts, palette_prompts, vqa_questions
@@ -46,7 +47,7 @@ def evaluate_bundle(bundle: Any, data_dir: str | Path, out_dir: str | Path, mode
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     records = list(iter_records(data_dir, "test"))
     if not records:
-        raise ValueError(f"{data_dir} has no test records to evaluate on")
+        raise DatasetError(f"{data_dir} has no test records to evaluate on: give a dataset with a test split (--data)")
     images: dict[str, Image.Image] = {}
 
     def image_of(rec: dict) -> Image.Image:

@@ -5,8 +5,11 @@ Same records in, same items out: the selection depends only on manifest order an
 - VQA: every question of the first test records, in order, until `num_vqa` questions (so the held-out
   combinations appear at their test-split rate; a sample too small to include one has no holdout score).
 - Generation: the test records' prompts, interleaving 1-, 2- and 3+-object prompts so each GenEval
-  category gets its share; the expected objects and relation come from parsing the prompt.
-- Reconstruction and tokenizer statistics: the first `num_reconstructions` test images.
+  category gets its share; the expected objects and relation come from parsing the prompt. A prompt outside
+  the shapes grammar (an imported caption) cannot be checked by the detector and is left out; with none left,
+  the palette's own prompts are used.
+- Reconstruction: the first `num_reconstructions` test images; tokenizer statistics: the first
+  `num_tokenizer_images`.
 """
 from __future__ import annotations
 
@@ -54,8 +57,11 @@ def generation_prompts(records: Iterable[dict], limit: int) -> list[GenPrompt]:
         text = rec.get("prompt", "")
         if not text or text in seen:
             continue  # a repeated prompt would test the same thing twice
-        objects, relation = parse_prompt(text)
         seen.add(text)
+        try:
+            objects, relation = parse_prompt(text)
+        except ValueError:
+            continue  # not in the shapes grammar: nothing the detector could check
         groups[min(len(objects), 3)].append(GenPrompt(text, objects, relation, rec.get("key", "")))
     out: list[GenPrompt] = []
     i = 0
