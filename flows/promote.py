@@ -1,7 +1,8 @@
 """The release phase: register the evaluated bundle, gate it, promote it to `champion` if it passes.
 
-Registration is idempotent per eval stage key: a rerun with nothing changed finds the version registered
-from the same eval outputs (tag `lineage.eval_key`) and reuses it instead of piling up identical versions.
+Registration is idempotent per eval run: a rerun with nothing changed finds the version registered from the
+same eval outputs (tags `lineage.eval_key` and `lineage.eval_done_at`, the eval marker's time) and reuses it
+instead of piling up identical versions; a forced re-evaluation registers its new bundle.
 The gate and the promotion are the registry's (`kelix.registry`); a failed gate leaves the aliases as they
 were and says which metric failed by how much, in the flow log and the `kelix-release` artifact.
 """
@@ -20,8 +21,11 @@ from flows.report import publish_release
 from kelix.tracking import git_sha
 
 
-def registered_version(ctx: Context, eval_key: str) -> str | None:
-    """The version already registered from this eval stage key, if any."""
+def registered_version(ctx: Context, eval_key: str, eval_done_at: str) -> str | None:
+    """The version already registered from this run of the eval stage (its key and completion time), if any.
+
+    The key alone is not enough: keys hash config and data, not code, so `--force eval` after a code fix
+    makes a new bundle with new metrics under the same key, and reusing the old version would gate stale tags."""
     from kelix.registry.store import configure
     from mlflow.exceptions import MlflowException
 
@@ -31,7 +35,8 @@ def registered_version(ctx: Context, eval_key: str) -> str | None:
         versions = client.search_model_versions(f"name='{name}'")
     except MlflowException:
         return None
-    found = [mv for mv in versions if mv.tags.get("lineage.eval_key") == eval_key]
+    found = [mv for mv in versions if mv.tags.get("lineage.eval_key") == eval_key
+             and mv.tags.get("lineage.eval_done_at") == eval_done_at]
     return str(max(int(mv.version) for mv in found)) if found else None
 
 
@@ -47,14 +52,16 @@ def register(ctx: Context, parent_run_id: str | None) -> tuple[str, bool]:
     if not ctx.store.is_done("eval", key):
         raise RuntimeError(f"the eval stage has not finished for key {key} in {ctx.store.uri}: "
                            "run the evaluate flow (or `kelix pipeline run`) first")
-    existing = registered_version(ctx, key)
+    status = ctx.store.status("eval", key) or {}
+    done_at = repr(status.get("time"))
+    existing = registered_version(ctx, key, done_at)
     if existing:
         log.info("bundle of eval %s is already registered as %s v%s", key, ctx.cfg.eval.model_name, existing)
         return existing, False
     out_dir = ctx.store.pull("eval", key)
-    metrics = dict((ctx.store.status("eval", key) or {}).get("metrics") or {})
+    metrics = dict(status.get("metrics") or {})
     lineage = {"pipeline_run_id": parent_run_id or "", "stage_keys": json.dumps(ctx.keys, sort_keys=True),
-               "eval_key": key, "data_version": ctx.data_version,
+               "eval_key": key, "eval_done_at": done_at, "data_version": ctx.data_version,
                "data_fingerprint": ctx.lineage_tags()["kelix.data_fingerprint"], "git_sha": git_sha(),
                "runner": ctx.runner.kind, "artifacts": ctx.artifacts, "data_dir": str(ctx.data_dir)}
     # Inside the pipeline's run, the registry logs the model as its child (same experiment, same lineage).

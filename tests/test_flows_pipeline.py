@@ -173,6 +173,15 @@ def test_pipeline_runs_everything_then_skips_then_reruns_only_downstream(prefect
     assert third["release"]["version"] == "2" and third["release"]["aliases"]["champion"] == "2"
     assert third["release"]["aliases"]["previous-champion"] == "1"
 
+    # 3b. A forced re-evaluation (say, after a fix in the eval code: keys do not hash code) is a new bundle with
+    # new metrics under the same eval key: it is registered, not answered with v2's stale tags.
+    STATE["calls"].clear()
+    forced = _run(workspace, overrides=["dit.train1.lr=0.0005"], force=["eval"])
+    assert STATE["calls"] == ["eval"] and forced["stages"]["eval"]["key"] == third["stages"]["eval"]["key"]
+    assert forced["release"]["version"] == "3" and forced["release"]["registered_now"]
+    again = _run(workspace, overrides=["dit.train1.lr=0.0005"])
+    assert again["release"]["version"] == "3" and not again["release"]["registered_now"]
+
     # 4. The nightly check scores the champion for real: the untrained bundle is far below the metrics the
     # stand-in eval registered, so the run fails and says which metrics dropped.
     from flows.common import RunSettings
@@ -183,7 +192,7 @@ def test_pipeline_runs_everything_then_skips_then_reruns_only_downstream(prefect
         evaluate(settings, model="models:/kelix@champion")
     assert "REGRESSED" in _artifact("kelix-model-check").data
     checked = evaluate(settings, model="models:/kelix@champion", fail_on_regression=False)  # reuses the scores
-    assert checked["version"] == "2" and checked["regressions"]
+    assert checked["version"] == "3" and checked["regressions"]
 
 
 def test_reproduce_reruns_a_registered_version_from_its_lineage(prefect_api, catalogue, workspace, monkeypatch):

@@ -7,6 +7,7 @@ Tags (all strings, so the registry UI and `kelix registry status` show them):
   lineage.config_hash      hash of the resolved config; lineage.preset its preset
   lineage.stage_keys       JSON {stage: key} of the stages that produced it
   lineage.pipeline_run_id  the pipeline's MLflow run
+  lineage.eval_key, lineage.eval_done_at  the eval stage run it was registered from (set by the release flow)
   metric.<name>            every evaluation metric (the gate reads these, not the run)
 The caller's values win (the release flow passes more, e.g. eval_key); missing ones are computed from the
 working tree with the same helpers the pipeline's lineage uses (kelix.tracking), "unknown" when they cannot be.
