@@ -161,6 +161,26 @@ def test_rollback_chain_and_blocked_repromotion(registry):
     assert history[0]["forced"] == "true" and "rolled back" in history[0]["gate_failures"]
 
 
+def test_a_rollback_never_restores_a_release_that_was_rolled_back(registry):
+    """Z, X, Z again; Z rolled back (X champion); Y promoted over X; rolling Y back restores X, and X's
+    predecessor is Z, which was rolled back since its last promotion: it must not become previous-champion."""
+    name = "m-rollback-twice"
+    cfg = cfg_for(name)
+    z, x, y = (add_version(registry, name, GOOD) for _ in range(3))
+    for v in (z, x, z):
+        assert promote(v, cfg, f"release {v}").promoted
+    assert rollback(cfg, "z is bad").version == x and aliases(name)[PREVIOUS] is None
+    assert promote(y, cfg, "release y").promoted and aliases(name)[PREVIOUS] == x
+    assert rollback(cfg, "y is bad").version == x
+    assert aliases(name)[CHAMPION] == x and aliases(name)[PREVIOUS] is None
+    with pytest.raises(RegistryError, match="no previous-champion"):
+        rollback(cfg, "would restore z")
+    # Force-promoted again after the fix, z is a release like any other: a later rollback may restore it.
+    assert promote(z, cfg, "z fixed", force=True).promoted
+    assert promote(y, cfg, "release y again", force=True).promoted
+    assert rollback(cfg, "y still bad").version == z and aliases(name)[PREVIOUS] == x
+
+
 def _assert_consistent(name: str, start: str, contenders: set[str]) -> None:
     """Exactly one champion, and the promotion records form one chain start -> first -> second."""
     client = configure()

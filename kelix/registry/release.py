@@ -263,11 +263,10 @@ def rollback(cfg: KelixConfig, reason: str, actor: str | None = None) -> Promoti
         if good is None:
             raise RegistryError(f"model {name!r} has no {PREVIOUS} to roll back to (champion: v{bad or '-'})")
         client.set_registered_model_alias(name, CHAMPION, good)
-        older = _version(client, name, good).tags.get("kelix.promoted_from") or None
-        if older and older != bad and _alias_exists(client, name, older):
+        older = _restorable_predecessor(client, name, good, {bad, good})
+        if older:
             client.set_registered_model_alias(name, PREVIOUS, older)
         else:
-            older = None
             client.delete_registered_model_alias(name, PREVIOUS)
         _check_aliases(client, name, {CHAMPION: good, PREVIOUS: older})
         run_id = _record(client, name, "rollback", bad, good, who, reason)
@@ -281,12 +280,26 @@ def rollback(cfg: KelixConfig, reason: str, actor: str | None = None) -> Promoti
                            + (f" (v{bad} was champion)" if bad else ""), None, run_id)
 
 
-def _alias_exists(client, name: str, version: str) -> bool:
-    try:
-        _version(client, name, version)
-        return True
-    except RegistryError:
-        return False
+def _restorable_predecessor(client, name: str, version: str, skip: set) -> str | None:
+    """The version `version` replaced when it was promoted, walking further back past versions that were rolled
+    back since their last promotion (a rollback must not restore a release someone already rolled back)."""
+    seen = set(skip)
+    older = _version(client, name, version).tags.get("kelix.promoted_from") or None
+    while older and older not in seen:
+        seen.add(older)
+        try:
+            tags = _version(client, name, older).tags
+        except RegistryError:
+            return None  # deleted from the registry
+        if not _rolled_back_since_promotion(tags):
+            return older
+        older = tags.get("kelix.promoted_from") or None
+    return None
+
+
+def _rolled_back_since_promotion(tags: dict[str, str]) -> bool:
+    rolled = tags.get("kelix.rolled_back_at")
+    return bool(rolled) and rolled >= tags.get("kelix.promoted_at", "")  # ISO-8601 UTC stamps sort as text
 
 
 def history(client, name: str, limit: int = 20) -> list[dict]:
