@@ -28,6 +28,10 @@ from kelix.config import ConfigError, KelixConfig, config_hash, load_config
 from kelix.runners import get_runner, is_transient
 
 
+# The MLflow run name of a whole pipeline run (phase flows run alone name theirs after the phase).
+PIPELINE_RUN = "kelix-pipeline"
+
+
 class RunSettings(BaseModel):
     """How to run: which config, data, artifact store, runner, retries and MLflow store."""
 

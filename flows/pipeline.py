@@ -18,7 +18,7 @@ from typing import Any
 import flows  # noqa: F401  - environment defaults before Prefect is imported
 from prefect import flow, get_run_logger
 
-from flows.common import Context, RunSettings
+from flows.common import PIPELINE_RUN, Context, RunSettings
 from flows.data import validate_data
 from flows.evaluate import evaluate
 from flows.promote import promote
@@ -56,7 +56,7 @@ def kelix_pipeline(
     stages: dict[str, dict[str, Any]] = {}
     summary: dict[str, Any] = {"preset": ctx.cfg.preset, "runner": ctx.runner.kind, "data": str(ctx.data_dir),
                                "data_version": ctx.data_version, "artifacts": ctx.artifacts, "stages": stages}
-    with ctx.parent_run("kelix-pipeline") as parent_run_id:
+    with ctx.parent_run(PIPELINE_RUN) as parent_run_id:
         child = settings.model_copy(update={"parent_run_id": parent_run_id})
         summary["mlflow_run_id"] = parent_run_id
         summary["mlflow"] = ctx.tracker.run_url(parent_run_id)

@@ -22,6 +22,8 @@ from prefect import flow, get_run_logger
 from prefect.events import emit_event
 from prefect.variables import Variable
 
+from flows.common import PIPELINE_RUN
+
 EVENT = "kelix.data.changed"
 ANNOUNCED = "kelix_data_version_announced"
 
@@ -36,12 +38,16 @@ def dvc_version(dvc_file: str | Path) -> tuple[str, str]:
 
 
 def last_trained_version(mlflow_uri: str | None = None) -> str | None:
-    """The data version of the most recent finished pipeline run, if any."""
+    """The data version of the most recent finished *whole* pipeline run, if any.
+
+    Phase flows run alone (a hand-run `evaluate` or `train-tokenizer`) open runs tagged `kelix.pipeline` too;
+    they train nothing end to end and release nothing, so they must not count as having trained a version."""
     from kelix.tracking import Tracker
 
     tracker = Tracker(mlflow_uri)
     runs = tracker.client.search_runs(
-        [tracker.experiment_id], filter_string="tags.`kelix.pipeline` = 'true' and attributes.status = 'FINISHED'",
+        [tracker.experiment_id], filter_string=f"tags.`kelix.pipeline` = 'true' and attributes.status = 'FINISHED' "
+                                               f"and attributes.run_name = '{PIPELINE_RUN}'",
         order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].data.tags.get("kelix.data_version") if runs else None
 

@@ -312,3 +312,18 @@ def test_the_settings_mlflow_uri_is_the_registry_store_from_the_start(tmp_path, 
     wanted = f"sqlite:///{tmp_path / 'mine.db'}"
     Context(RunSettings(mlflow_uri=wanted, artifacts=str(tmp_path / "artifacts"), data=str(tmp_path / "data")))
     assert tracking_uri() == wanted
+
+
+def test_only_a_whole_pipeline_run_counts_as_having_trained_a_data_version(tmp_path, monkeypatch):
+    """A phase flow run by hand on new data (here `evaluate`) must not stop watch-data from announcing it."""
+    from flows.watch_data import last_trained_version
+    from kelix.config import load_config
+    from kelix.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the Tracker sets it: restored after the test
+    tracker, cfg = Tracker(uri), load_config("tiny")
+    for run_name, version in (("kelix-pipeline", "A.dir"), ("evaluate", "B.dir"), ("train-tokenizer", "B.dir")):
+        run_id = tracker.start_pipeline(cfg, run_name=run_name, tags={"kelix.data_version": version})
+        tracker.end_run(run_id, "FINISHED")
+    assert last_trained_version(uri) == "A.dir"
