@@ -327,3 +327,18 @@ def test_only_a_whole_pipeline_run_counts_as_having_trained_a_data_version(tmp_p
         run_id = tracker.start_pipeline(cfg, run_name=run_name, tags={"kelix.data_version": version})
         tracker.end_run(run_id, "FINISHED")
     assert last_trained_version(uri) == "A.dir"
+
+
+def test_the_champion_check_counts_an_unmeasurable_gated_metric_as_a_regression():
+    from flows.evaluate import regressions
+
+    then = {"vqa_accuracy": 0.8, "geneval_overall": 0.5, "recon_psnr": 20.0}
+    gated = {"vqa_accuracy": 0.5, "geneval_overall": 0.2}
+    assert regressions({"vqa_accuracy": 0.79, "geneval_overall": 0.5}, then, gated, 0.02) == []
+    assert regressions({"vqa_accuracy": 0.7, "geneval_overall": 0.5}, then, gated, 0.02) == [
+        "vqa_accuracy: 0.8000 when registered -> 0.7000 now"]
+    assert regressions({"geneval_overall": 0.5, "vqa_accuracy": float("nan")}, then, gated, 0.02) == [
+        "vqa_accuracy: 0.8000 when registered -> not measured now"]
+    assert regressions({"vqa_accuracy": 0.8}, then, gated, 0.02) == [
+        "geneval_overall: 0.5000 when registered -> not measured now"]
+    assert regressions({}, {"vqa_accuracy": 0.8}, {"recon_psnr": 18.0}, 0.02) == []  # ungated: not checked
