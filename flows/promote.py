@@ -77,6 +77,18 @@ def gate_and_promote(ctx: Context, version: str, reason: str, force: bool) -> di
     from kelix.registry import gate, promote as registry_promote, status
 
     log = get_run_logger()
+    current = {alias: meta["version"] for alias, meta in (status(ctx.cfg).get("aliases") or {}).items()}
+    if current.get("champion") == version:
+        # A rerun that found its version already released (perhaps force-promoted past the gate): re-gating
+        # it would tag the serving champion "failed" and report a release that did not happen.
+        # The report shows the verdict recorded when it was promoted.
+        from kelix.registry.store import configure
+
+        tags = configure().get_model_version(ctx.cfg.eval.model_name, version).tags
+        failures = [f for f in tags.get("kelix.gate_failures", "").split("; ") if f]
+        log.info("promotion: version %s is already the champion", version)
+        return {"gate_passed": tags.get("kelix.gate") == "passed", "gate_failures": failures,
+                "promotion": f"version {version} is already the champion", "aliases": current}
     decision = gate(version, ctx.cfg)
     if decision.passed or force:
         result = registry_promote(version, ctx.cfg, reason=reason, force=force)

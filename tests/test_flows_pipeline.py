@@ -158,6 +158,7 @@ def test_pipeline_runs_everything_then_skips_then_reruns_only_downstream(prefect
     assert STATE["calls"] == []
     assert all(r["skipped"] for r in second["stages"].values())
     assert second["release"]["version"] == "1" and not second["release"]["registered_now"]
+    assert second["release"]["promotion"] == "version 1 is already the champion" and second["release"]["gate_passed"]
     assert "unchanged since" in _artifact("kelix-data-validation").description
     skipped_run = client.search_runs([parent.info.experiment_id],
                                      filter_string=f"tags.`mlflow.parentRunId` = '{second['mlflow_run_id']}' "

@@ -177,6 +177,12 @@ def train(
         elif info is None or info.strategy == "ddp":
             optimizer.load_state_dict(ckpt.train_state["optimizer"])
             torch.set_rng_state(ckpt.train_state["torch_rng"])
+        elif main:
+            # A 1-process checkpoint's optimiser state is keyed for the whole model, not FSDP's shards (the stage
+            # key does not include the strategy, so switching to fsdp meets it): the weights resume, AdamW's
+            # moments start again.
+            print(f"warning: {ckpt.path} was written by a single process; under FSDP its weights resume but the "
+                  "optimiser state starts fresh (the first steps after it move differently than an unbroken run)")
         start = ckpt.step
 
     t0 = time.perf_counter()
