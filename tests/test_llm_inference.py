@@ -82,6 +82,7 @@ def test_top_k_and_top_p_keep_only_the_likeliest_ids():
     greedy = logits.argmax(-1)
     assert torch.equal(sample(logits, 1.0, 1, 1.0, u), greedy)
     assert torch.equal(sample(logits, 1.0, 0, 1e-6, u), greedy)
+    assert torch.equal(sample(logits, 1.0, 0, 0.0, u), greedy)  # top_p=0 is greedy, not id 0
     assert torch.equal(sample(logits, 0.0, 0, 1.0, u), greedy)
     top3 = logits.topk(3).indices
     many = torch.stack([sample(logits, 1.0, 3, 1.0, torch.full((64,), q)) for q in torch.linspace(0, 0.999, 50)], 1)

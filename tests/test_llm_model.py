@@ -66,3 +66,24 @@ def test_visual_init_codebook_vs_random(text_tok):
         KelixLLM.from_config(cfg, N, S, text_tok.vocab_size, None)
     with pytest.raises(ValueError, match="codebook vectors are"):
         KelixLLM.from_config(cfg, N, S + 1, text_tok.vocab_size, vectors)
+
+
+def test_a_pretrained_qwen3_loads_in_float32_with_a_head_of_its_own(tmp_path, text_tok):
+    """Checkpoints are bf16 and the small Qwen3s tie lm_head to embed_tokens: loaded as they are, the fp32
+    Block Decoder meets bf16 tensors, and stage 1 (Qwen3 frozen) trains the embeddings through the tied head."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from kelix.llm.stages import set_trainable
+
+    qwen = Qwen3Config(vocab_size=text_tok.vocab_size + 7, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    Qwen3ForCausalLM(qwen).to(torch.bfloat16).save_pretrained(tmp_path / "qwen")
+    llm = KelixLLM.from_config(LLMConfig(pretrained=str(tmp_path / "qwen")), N, S, text_tok.vocab_size,
+                               torch.randn(N, S, 8), num_positions=P)
+    assert {p.dtype for p in llm.parameters()} == {torch.float32}
+    embed, head = llm.lm.get_input_embeddings().weight, llm.lm.get_output_embeddings().weight
+    assert head is not embed and torch.equal(head, embed)  # untied, starting from the same values
+    trained = {id(p) for p in set_trainable(llm, 1)}
+    assert id(head) in trained and id(embed) not in trained
+    codes = generate_codes(llm.eval(), text_tok, ["a green star"], seed=1)  # no fp32/bf16 mix anywhere
+    assert codes.shape == (1, P, N)

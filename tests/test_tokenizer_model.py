@@ -176,6 +176,11 @@ def test_pretrained_vision_tower_is_loaded_from_a_local_folder(tmp_path):
             assert torch.equal(tok.encoder.vit.state_dict()[name], value), name
     assert not any(n.startswith("head.") for n, _ in tok.encoder.vit.named_parameters())
     # A saved tokenizer carries the tower's weights itself: loading it needs no tower folder.
+    # Released towers are bf16: they load as float32 like the rest of the tokenizer (no dtype mix in encode).
+    tower.to(torch.bfloat16).save_pretrained(tmp_path / "siglip-bf16")
+    from_bf16 = KelixTokenizer.from_config(small_cfg(f"tokenizer.vit_pretrained={tmp_path / 'siglip-bf16'}"))
+    assert {p.dtype for p in from_bf16.parameters()} == {torch.float32}
+    assert from_bf16.encode(images()).shape == tok.encode(images()).shape
     tok.save_pretrained(tmp_path / "model")
     (tmp_path / "siglip" / "model.safetensors").unlink()
     assert torch.equal(KelixTokenizer.from_pretrained(tmp_path / "model").encode(images()), tok.encode(images()))

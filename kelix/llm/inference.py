@@ -74,6 +74,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, u
         probs = sorted_logits.softmax(-1)
         # Drop a token once the ones before it already hold top_p (the first always stays).
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False  # at top_p <= 0 the test above drops it too: keep the most likely id (greedy)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     # Inverse-CDF draw: same distribution as torch.multinomial at a fraction of its per-call cost, which
     # matters when one id is drawn per code.

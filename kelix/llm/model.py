@@ -68,11 +68,19 @@ class KelixLLM(nn.Module):
             # Rebuilding a saved model: its weights (pretrained or not) are loaded by the caller.
             self.lm = Qwen3ForCausalLM(qwen)
         elif cfg.pretrained:
-            self.lm = Qwen3ForCausalLM.from_pretrained(cfg.pretrained)
+            # float32 master weights like every other part (transformers keeps a checkpoint's bf16 otherwise, and
+            # the fp32 Block Encoder/Decoder would then meet bf16 tensors outside autocast).
+            self.lm = Qwen3ForCausalLM.from_pretrained(cfg.pretrained, dtype=torch.float32)
             if self.lm.config.vocab_size < text_vocab_size:
                 raise ValueError(f"{cfg.pretrained} has {self.lm.config.vocab_size} rows, the text tokenizer {text_vocab_size}")
-            self.lm.resize_token_embeddings(self.vocab.size)
+            # Untie before resizing, and give the head a parameter of its own: the small Qwen3s tie lm_head to
+            # embed_tokens, and a shared Parameter would let stage 1 train the frozen embeddings through the head
+            # (and reload untied, so a resumed run would differ from the one in memory).
             self.lm.config.tie_word_embeddings = False
+            self.lm.resize_token_embeddings(self.vocab.size)
+            head = self.lm.get_output_embeddings()
+            if head.weight is self.lm.get_input_embeddings().weight:
+                head.weight = torch.nn.Parameter(head.weight.detach().clone())
         else:
             self.lm = Qwen3ForCausalLM(qwen3_config(cfg, self.vocab.size))
         hidden = self.lm.config.hidden_size

@@ -22,7 +22,7 @@ def feature_dim(cfg: TokenizerConfig) -> int:
 def build_vit(cfg: TokenizerConfig, load_pretrained: bool = True) -> SiglipVisionModel:
     if cfg.vit_pretrained and load_pretrained:
         # The pooling head is unused (we keep every patch), so it is not built: no dead parameters.
-        return SiglipVisionModel.from_pretrained(cfg.vit_pretrained, vision_use_head=False)
+        return SiglipVisionModel.from_pretrained(cfg.vit_pretrained, vision_use_head=False, dtype=torch.float32)
     vcfg = SiglipVisionConfig(
         hidden_size=cfg.vit_hidden_size, intermediate_size=cfg.vit_intermediate_size,
         num_hidden_layers=cfg.vit_num_layers, num_attention_heads=cfg.vit_num_heads,
