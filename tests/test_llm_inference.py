@@ -76,6 +76,13 @@ def test_a_prompts_codes_do_not_depend_on_its_batch(llm, text_tok):
     assert not torch.equal(together[1], generate_codes(llm, text_tok, [PROMPTS[1]], seed=5, temperature=1.5)[0])
 
 
+def test_more_image_positions_than_the_model_embeds_is_a_clear_error(text_tok):
+    model = toy_llm(text_tok, num_codebooks=N, codebook_size=S, num_positions=P).eval()
+    with pytest.raises(ValueError, match=f"num_positions {P + 2} is more than the {P} image positions"):
+        generate_codes(model, text_tok, PROMPTS[:1], num_positions=P + 2)
+    assert generate_codes(model, text_tok, PROMPTS[:1], num_positions=P - 1).shape == (1, P - 1, N)
+
+
 def test_top_k_and_top_p_keep_only_the_likeliest_ids():
     logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
     u = torch.rand(64, generator=torch.Generator().manual_seed(1))

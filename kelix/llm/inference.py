@@ -143,6 +143,9 @@ def generate_codes(llm: KelixLLM, text_tok: TextTokenizer, prompts: list[str], c
     num_positions = num_positions or llm.num_positions
     if not num_positions:
         raise ValueError("the model does not know its image size: pass num_positions")
+    if llm.num_positions and num_positions > llm.num_positions and llm.block_encoder.image_pos is not None:
+        raise ValueError(f"num_positions {num_positions} is more than the {llm.num_positions} image positions this "
+                         "model has embeddings for (llm.image_position_embed): generate at most that many")
     v, device, b, n = llm.vocab, llm.device, len(prompts), llm.vocab.num_codebooks
     guided = cfg_scale is not None
     builder = SequenceBuilder(v, text_tok)
