@@ -23,6 +23,14 @@ STATUS_FILE = "_STATUS.json"
 SUCCESS, FAILED, RUNNING = "SUCCESS", "FAILED", "RUNNING"
 
 
+ENV_ARTIFACTS = "KELIX_ARTIFACTS"
+
+
+def store_uri(given: str | os.PathLike | None, configured: str) -> str:
+    """The artifact store to use: the one given, else $KELIX_ARTIFACTS, else the config's runtime.artifacts."""
+    return str(given or os.environ.get(ENV_ARTIFACTS) or configured)
+
+
 class ArtifactStore:
     def __init__(self, uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
         self.uri = str(uri).rstrip("/")

@@ -79,9 +79,12 @@ def load_config(
     tree: dict[str, Any] = {}
     if params is not None:
         path = Path(params)
-        if not path.exists():
-            raise ConfigError(f"params file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ConfigError(f"params file {path} does not exist" if not path.exists() else f"params file {path} is not a file")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"params file {path} is not readable YAML: {' '.join(str(exc).split())}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"params file {path} must hold a mapping at the top level")
         tree = loaded
@@ -92,7 +95,12 @@ def load_config(
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
-        set_value(cfg, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc.problem or exc}); "
+                              "quote it to pass a string") from exc
+        set_value(cfg, key.strip(), value)
     return cfg
 
 

@@ -54,6 +54,12 @@ class StagePlan:
     gpu_hours: float
     # Host memory per GPU process: the whole model parked there while the shards train (0 when kept on the GPU).
     host_gb: float = 0.0
+    # GPUs the stage's Job runs on (its runtime resources: gpus x num_nodes, unless --gpus says otherwise).
+    gpus: int = 1
+
+    @property
+    def wall_hours(self) -> float:
+        return self.gpu_hours / max(1, self.gpus)
 
 
 def _count(module: torch.nn.Module, frozen_prefixes: tuple[str, ...] = ()) -> tuple[int, int]:
@@ -115,7 +121,7 @@ def _flops(part: Part, batch: int, trainable: int | None = None) -> float:
 
 
 def _memory_gb(parts: list[tuple[Part, int]], batch: int, gpus: int, parked: bool) -> tuple[float, float]:
-    """(GPU, host) GB per GPU process."""
+    """(GPU, host) GB per GPU process; `batch` is one micro-batch (TrainConfig.batch_size), spread over the GPUs."""
     total = host = 0.0
     for p, trainable in parts:
         root = p.params - p.unit_params
@@ -143,7 +149,17 @@ def quantity_gb(text: str) -> float | None:
         return None
 
 
-def plan(cfg: KelixConfig, gpus: int, peak_tflops: float, mfu: float) -> tuple[dict, list[StagePlan]]:
+def stage_gpus(cfg: KelixConfig, name: str) -> int:
+    """GPUs one stage's Job asks for: its runtime resources (or the default), gpus x num_nodes."""
+    from kelix.stages import stage_resources
+
+    res = stage_resources(cfg, name)
+    return max(1, res.gpus) * max(1, res.num_nodes)
+
+
+def plan(cfg: KelixConfig, gpus: int | None, peak_tflops: float, mfu: float) -> tuple[dict, list[StagePlan]]:
+    """Per stage: FLOPs, memory per GPU and GPU-hours. `gpus` None: each stage on the GPUs its resources ask
+    for; a number: every stage on that many."""
     parts = build_parts(cfg)
     tok, aux, llm, bd, dit = (parts[k] for k in ("tokenizer", "aux", "llm", "block_decoder", "dit"))
     # Stage 1 trains only the adapter, SimVQ projections and up-projections: everything but the ViT.
@@ -151,10 +167,13 @@ def plan(cfg: KelixConfig, gpus: int, peak_tflops: float, mfu: float) -> tuple[d
     stages = []
 
     def add(name: str, train, members: list[tuple[Part, int]], parked: bool = True) -> None:
-        flops = sum(_flops(p, train.batch_size, t) for p, t in members)
+        # An optimiser step takes grad_accum_steps micro-batches of batch_size: FLOPs count them all, memory one.
+        batch = train.batch_size * max(1, train.grad_accum_steps)
+        flops = sum(_flops(p, batch, t) for p, t in members)
         hours = train.num_steps * flops / (peak_tflops * 1e12 * mfu) / 3600
-        gpu_gb, host_gb = _memory_gb(members, train.batch_size, gpus, parked)
-        stages.append(StagePlan(name, train.num_steps, train.batch_size, flops, gpu_gb, hours, host_gb))
+        n = gpus or stage_gpus(cfg, name)
+        gpu_gb, host_gb = _memory_gb(members, train.batch_size, n, parked)
+        stages.append(StagePlan(name, train.num_steps, batch, flops, gpu_gb, hours, host_gb, n))
 
     t, ll, d = cfg.tokenizer, cfg.llm, cfg.dit
     add("tokenizer-1", t.train1, [(tok, adapters), (aux, 0)])
@@ -171,26 +190,28 @@ def plan(cfg: KelixConfig, gpus: int, peak_tflops: float, mfu: float) -> tuple[d
     return parts, stages
 
 
-def format_plan(cfg: KelixConfig, parts: dict, stages: list[StagePlan], gpus: int, peak: float, mfu: float,
+def format_plan(cfg: KelixConfig, parts: dict, stages: list[StagePlan], peak: float, mfu: float,
                 gpu_memory_gb: float = 80.0) -> str:
-    lines = [f"# kelix plan: preset {cfg.preset}, {gpus} GPUs at {peak:g} TFLOP/s bf16 peak, MFU {mfu:.0%}, "
+    counts = sorted({s.gpus for s in stages})
+    where = f"{counts[0]} GPUs per stage" if len(counts) == 1 else "each stage on its own resources' GPUs"
+    lines = [f"# kelix plan: preset {cfg.preset}, {where} at {peak:g} TFLOP/s bf16 peak, MFU {mfu:.0%}, "
              f"{gpu_memory_gb:g} GB each", "",
              "| model | parameters | trainable | tokens/example |", "|---|---:|---:|---:|"]
     for part in (p for p in parts.values() if isinstance(p, Part)):
         lines.append(f"| {part.name} | {part.params / 1e6:,.1f} M | {part.trainable / 1e6:,.1f} M | {part.tokens_per_example:,} |")
     too_big = [s.stage for s in stages if s.memory_gb > gpu_memory_gb]
-    lines += ["", "| stage | steps | batch | TFLOPs/step | memory/GPU (FSDP) | host memory/GPU | GPU-hours |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| stage | steps | batch | GPUs | TFLOPs/step | memory/GPU (FSDP) | host memory/GPU | GPU-hours | wall hours |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in stages:
         fits = " (does not fit)" if s.stage in too_big else ""
-        lines.append(f"| {s.stage} | {s.steps:,} | {s.batch:,} | {s.flops_per_step / 1e12:,.1f} | {s.memory_gb:,.1f} GB{fits} "
-                     f"| {s.host_gb:,.1f} GB | {s.gpu_hours:,.1f} |")
-    total = sum(s.gpu_hours for s in stages)
+        lines.append(f"| {s.stage} | {s.steps:,} | {s.batch:,} | {s.gpus} | {s.flops_per_step / 1e12:,.1f} "
+                     f"| {s.memory_gb:,.1f} GB{fits} | {s.host_gb:,.1f} GB | {s.gpu_hours:,.1f} | {s.wall_hours:,.1f} |")
+    total, wall = sum(s.gpu_hours for s in stages), sum(s.wall_hours for s in stages)
     per_node = max(1, cfg.runtime.default_resources.gpus)
     host = max(s.host_gb for s in stages) * per_node
     asked = cfg.runtime.default_resources.memory
     fsdp = cfg.runtime.distributed == "fsdp"  # only the FSDP loop parks a copy in host memory
-    lines += ["", f"Total: {total:,.0f} GPU-hours, {total / gpus:,.1f} hours of wall time on {gpus} GPUs."]
+    lines += ["", f"Total: {total:,.0f} GPU-hours, {wall:,.1f} hours of wall time with the stages one after another."]
     if fsdp:
         lines.append(f"Host memory per node ({per_node} GPU processes): up to {host:,.0f} GB for parked model copies "
                      f"(runtime.default_resources.memory asks for {asked}).")
@@ -201,7 +222,8 @@ def format_plan(cfg: KelixConfig, parts: dict, stages: list[StagePlan], gpus: in
                      "OOM-killed while the tokenizer and LLM stages train.")
     if too_big:
         lines.append(f"{', '.join(too_big)} need more than {gpu_memory_gb:g} GB per GPU: use larger GPUs "
-                     "(--gpu-memory-gb says what you have; an H200 has 141) or more of them (fewer examples per GPU).")
+                     "(--gpu-memory-gb says what you have; an H200 has 141), more of them (runtime.resources), or "
+                     "fewer examples per micro-batch (the stage's grad_accum_steps).")
     return "\n".join(lines)
 
 
@@ -210,8 +232,19 @@ def _cmd(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     parts, stages = plan(cfg, args.gpus, args.peak_tflops, args.mfu)
-    print(format_plan(cfg, parts, stages, args.gpus, args.peak_tflops, args.mfu, args.gpu_memory_gb))
+    print(format_plan(cfg, parts, stages, args.peak_tflops, args.mfu, args.gpu_memory_gb))
     return 0
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def register(sub) -> None:
@@ -219,8 +252,10 @@ def register(sub) -> None:
 
     p = sub.add_parser("plan", help="count parameters, FLOPs, memory and GPU-hours per stage (no memory used)")
     add_config_args(p)
-    p.add_argument("--gpus", type=int, default=64, help="GPUs in the cluster (default 64)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (H100 SXM: 989)")
-    p.add_argument("--mfu", type=float, default=0.4, help="expected model FLOPs utilisation (default 0.4)")
-    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU; stages above it are flagged (H100: 80)")
+    p.add_argument("--gpus", type=_positive(int), default=None,
+                   help="GPUs every stage runs on (default: each stage's runtime resources, gpus x num_nodes)")
+    p.add_argument("--peak-tflops", type=_positive(float), default=989.0, help="bf16 dense peak per GPU (H100 SXM: 989)")
+    p.add_argument("--mfu", type=_positive(float), default=0.4, help="expected model FLOPs utilisation (default 0.4)")
+    p.add_argument("--gpu-memory-gb", type=_positive(float), default=80.0,
+                   help="memory per GPU; stages above it are flagged (H100: 80)")
     p.set_defaults(func=_cmd)

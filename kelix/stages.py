@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from kelix.artifacts import FAILED, RUNNING, SUCCESS, ArtifactStore
+from kelix.artifacts import FAILED, RUNNING, SUCCESS, ArtifactStore, store_uri
 from kelix.config import KelixConfig, config_hash
 from kelix.runtime_config import Resources
 from kelix.train.metrics import MetricLogger
@@ -216,7 +216,7 @@ def run_stage(
     stage = get_stage(name)
     main = distributed.is_main_process()
     data_dir = Path(data_dir)
-    store = ArtifactStore(artifacts or cfg.runtime.artifacts)
+    store = ArtifactStore(store_uri(artifacts, cfg.runtime.artifacts))
     keys = stage_keys(cfg, data_fingerprint(data_dir), [name])
     key = keys[name]
     out_dir = store.local_dir(name, key)
@@ -307,9 +307,14 @@ def _join_torchrun(cfg: KelixConfig) -> None:
 def _cmd_keys(args: argparse.Namespace) -> int:
     from kelix.config_cli import config_from_args
 
+    from kelix.cli import UserError
+
     cfg = config_from_args(args)
-    keys = stage_keys(cfg, data_fingerprint(args.data or cfg.data.root))
-    store = ArtifactStore(args.artifacts or cfg.runtime.artifacts)
+    try:
+        keys = stage_keys(cfg, data_fingerprint(args.data or cfg.data.root))
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from exc
+    store = ArtifactStore(store_uri(args.artifacts, cfg.runtime.artifacts))
     for name, key in keys.items():
         status = (store.status(name, key) or {}).get("status", "-")
         print(f"{name:12s} {key}  {status}")

@@ -65,3 +65,13 @@ def test_a_mirror_left_failed_by_a_local_run_pulls_the_finished_outputs(stores):
     local = reader.pull("llm-1", "k1")
     assert (local / "model" / "weights.bin").exists()
     assert json.loads((local / STATUS_FILE).read_text())["status"] == SUCCESS
+
+
+def test_the_store_is_the_one_given_then_the_environments_then_the_configs(monkeypatch):
+    from kelix.artifacts import store_uri
+
+    monkeypatch.delenv("KELIX_ARTIFACTS", raising=False)
+    assert store_uri(None, "artifacts") == "artifacts"
+    monkeypatch.setenv("KELIX_ARTIFACTS", "s3://team/runs")  # what a pod or the compose worker sets
+    assert store_uri(None, "artifacts") == "s3://team/runs"
+    assert store_uri("/tmp/mine", "artifacts") == "/tmp/mine"

@@ -61,6 +61,13 @@ def test_bad_params_file(tmp_path):
         load_config("tiny", bad)
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("huge")
+    bad.write_text("a: [\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not readable YAML: while parsing"):
+        load_config("tiny", bad)
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config("tiny", tmp_path)
+    with pytest.raises(ConfigError, match=r"override 'eval.model_name=\[a': the value is not valid YAML.*quote it"):
+        load_config("tiny", None, ["eval.model_name=[a"])
 
 
 def test_nested_dataclass_values_in_dicts():

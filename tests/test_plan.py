@@ -10,8 +10,11 @@ from kelix.plan import build_parts, format_plan, plan
 
 def test_paper_preset_on_meta_device():
     cfg = load_config("paper")
-    parts, stages = plan(cfg, gpus=64, peak_tflops=989.0, mfu=0.4)
+    parts, stages = plan(cfg, gpus=None, peak_tflops=989.0, mfu=0.4)
     llm = parts["llm"].params
+    # Each stage on the GPUs its Job asks for: the preset's 4 nodes x 8.
+    assert {s.gpus for s in stages} == {32}
+    assert {s.gpus for s in plan(cfg, gpus=64, peak_tflops=989.0, mfu=0.4)[1]} == {64}
     # Qwen3-8B (8.19 B) plus 8 x 8192 visual rows in the input and output tables of width 4096.
     assert 8.5e9 < llm < 9.0e9
     assert parts["block_decoder"].params < 20e6  # 1 layer, width 512
@@ -26,15 +29,18 @@ def test_paper_preset_on_meta_device():
     assert by_name["dit-1"].host_gb == 0 and by_name["dit-1"].memory_gb > 4 * parts["dit"].params / 1e9
     # stage 2 trains the ViT too, so it costs more per step than stage 1
     assert stages[1].flops_per_step > stages[0].flops_per_step
-    text = format_plan(cfg, parts, stages, 64, 989.0, 0.4)
+    # llm-2/3 take their 512 sequences as 2 micro-batches of 256: FLOPs count both, memory one.
+    assert by_name["llm-2"].batch == 512 and by_name["llm-2"].flops_per_step > by_name["llm-4"].flops_per_step * 1.9
+    assert sum(s.wall_hours for s in stages) == pytest.approx(sum(s.gpu_hours for s in stages) / 32)
+    text = format_plan(cfg, parts, stages, 989.0, 0.4)
     assert "GPU-hours" in text and "llm-2" in text
     assert "does not fit" not in text  # 80 GB GPUs hold every stage
     assert "up to 280 GB for parked model copies" in text  # 8 processes per node x 35 GB
     assert "is below" not in text  # the paper preset's pods ask for 512Gi
     low = load_config("paper", overrides=["runtime.default_resources.memory=200Gi"])
-    assert "runtime.default_resources.memory (200Gi) is below the 280 GB" in format_plan(low, parts, stages, 64, 989.0, 0.4)
+    assert "runtime.default_resources.memory (200Gi) is below the 280 GB" in format_plan(low, parts, stages, 989.0, 0.4)
     # 40 GB GPUs: the LLM's pre-training stage is flagged with what to do.
-    small_gpus = format_plan(cfg, parts, stages, 64, 989.0, 0.4, gpu_memory_gb=40)
+    small_gpus = format_plan(cfg, parts, stages, 989.0, 0.4, gpu_memory_gb=40)
     assert "llm-2 |" in small_gpus and "(does not fit)" in small_gpus and "use larger GPUs" in small_gpus
 
 
@@ -58,3 +64,12 @@ def test_meta_counts_equal_real_tiny_models():
     llm = KelixLLM.from_config(cfg.llm, t.num_codebooks, t.codebook_size, t.text_vocab_size,
                                torch.randn(t.num_codebooks, t.codebook_size, t.code_dim), t.num_positions)
     assert parts["llm"].params == sum(p.numel() for p in llm.parameters())
+
+
+@pytest.mark.parametrize("flag", ["--gpus", "--mfu", "--peak-tflops", "--gpu-memory-gb"])
+def test_plan_refuses_a_count_that_is_not_positive(flag, capsys):
+    from kelix.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["plan", flag, "0"])
+    assert info.value.code == 2 and "must be positive, got 0" in capsys.readouterr().err

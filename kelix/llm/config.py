@@ -65,12 +65,13 @@ def llm_preset(preset: str) -> LLMConfig:
             train3=TrainConfig(num_steps=5000, batch_size=64, precision="bf16", warmup_steps=0),
             train4=TrainConfig(num_steps=3000, batch_size=64, precision="bf16", warmup_steps=0),
         )
-    # Qwen3-8B backbone; Block Decoder 1 layer, width 512, 4 heads, FFN 2048.
+    # Qwen3-8B backbone; Block Decoder 1 layer, width 512, 4 heads, FFN 2048. On the preset's 32 GPUs per stage,
+    # the all-parameter stages take their 16 sequences per GPU in two micro-batches of 8 to fit 80 GB (`kelix plan`).
     return LLMConfig(
         hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=12288,
         max_blocks=8192, bd_hidden_size=512, bd_num_layers=1, bd_num_heads=4, bd_intermediate_size=2048,
         train1=TrainConfig(num_steps=10000, batch_size=512, precision="bf16", warmup_steps=500),
-        train2=TrainConfig(num_steps=200000, batch_size=512, precision="bf16", warmup_steps=2000),
-        train3=TrainConfig(num_steps=20000, batch_size=512, precision="bf16", warmup_steps=0),
+        train2=TrainConfig(num_steps=200000, batch_size=256, grad_accum_steps=2, precision="bf16", warmup_steps=2000),
+        train3=TrainConfig(num_steps=20000, batch_size=256, grad_accum_steps=2, precision="bf16", warmup_steps=0),
         train4=TrainConfig(num_steps=5000, batch_size=256, precision="bf16", warmup_steps=0),
     )

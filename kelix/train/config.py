@@ -13,6 +13,7 @@ from typing import Literal
 @dataclass
 class TrainConfig:
     num_steps: int = 100
+    # Examples per micro-batch (over all processes); an optimiser step takes grad_accum_steps of them.
     batch_size: int = 32
     lr: float = 2e-4
     # Learning rate of the pretrained tower (the report trains the ViT at 1/10 of the adapters' rate).
