@@ -308,3 +308,15 @@ def test_job_template_renders_a_valid_job(preset):
     assert {"name": "KELIX_PRESET", "value": preset} in container["env"]
     claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert claims == ["kelix-checkpoints"]
+
+
+def test_the_mlflow_server_accepts_its_service_names_and_a_port_forward():
+    """MLflow 3 checks the Host header against --allowed-hosts, which replaces its localhost default."""
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    (deploy,) = [o for o in RENDERED["mlflow"] if o["kind"] == "Deployment"]
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    allowed = next(a for a in args if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
+    for host in ("kelix-mlflow:5000", "kelix-mlflow.kelix.svc.cluster.local:5000", "localhost:5000", "127.0.0.1:5000"):
+        assert is_allowed_host_header(allowed, host), host
+    assert not is_allowed_host_header(allowed, "evil.example:5000")
