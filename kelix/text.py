@@ -1,8 +1,10 @@
 """The text tokenizer shared by the aux decoder and the unified LLM: a byte-level BPE trained on the data.
 
 No hub download: it is trained (deterministically, in about a second) on the dataset's captions, questions,
-answers and prompts, saved as `tokenizer.json` beside the model that uses it. Ids 0-2 are <pad>, <bos>, <eos>;
-the unified LLM appends its visual and block tokens after `vocab_size`.
+answers and prompts, saved as `text_tokenizer.json` beside the model that uses it. Ids 0-2 are <pad>, <bos>,
+<eos>; the unified LLM appends its visual and block tokens after `vocab_size`. A unified LLM started from a
+pretrained Qwen3 (`llm.pretrained`) uses that checkpoint's own `tokenizer.json` instead, so each text id keeps
+the embedding row it was trained with.
 """
 from __future__ import annotations
 
@@ -14,14 +16,32 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIALS = [PAD, BOS, EOS]
 FILENAME = "text_tokenizer.json"
+# A pretrained LLM's own tokenizer (`llm.pretrained`: its ids index its embedding rows) names its special tokens
+# differently; they are found by these names, first match wins (Qwen3: <|endoftext|>, <|im_start|>, <|im_end|>).
+# pad and eos must differ: decoding bans pad, so a pad that is also eos would never let an answer end.
+SPECIAL_NAMES = {"pad": (PAD, "<|endoftext|>"), "bos": (BOS, "<|im_start|>"), "eos": (EOS, "<|im_end|>")}
+CHECKPOINT_FILE = "tokenizer.json"
 
 
 class TextTokenizer:
     def __init__(self, tok: Tokenizer):
         self.tok = tok
-        self.pad_id = tok.token_to_id(PAD)
-        self.bos_id = tok.token_to_id(BOS)
-        self.eos_id = tok.token_to_id(EOS)
+        ids = {}
+        for role, names in SPECIAL_NAMES.items():
+            found = [tok.token_to_id(n) for n in names if tok.token_to_id(n) is not None]
+            if not found:
+                raise ValueError(f"the text tokenizer has no {role} token (looked for {', '.join(names)})")
+            ids[role] = found[0]
+        self.pad_id, self.bos_id, self.eos_id = ids["pad"], ids["bos"], ids["eos"]
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | Path) -> "TextTokenizer":
+        """The tokenizer a pretrained LLM folder ships (`tokenizer.json`, the `tokenizers` format)."""
+        path = Path(folder) / CHECKPOINT_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{folder} has no {CHECKPOINT_FILE}: a pretrained LLM needs its own tokenizer "
+                                    "(its text ids index the checkpoint's embedding rows)")
+        return cls(Tokenizer.from_file(str(path)))
 
     @property
     def vocab_size(self) -> int:

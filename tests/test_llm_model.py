@@ -87,3 +87,41 @@ def test_a_pretrained_qwen3_loads_in_float32_with_a_head_of_its_own(tmp_path, te
     assert id(head) in trained and id(embed) not in trained
     codes = generate_codes(llm.eval(), text_tok, ["a green star"], seed=1)  # no fp32/bf16 mix anywhere
     assert codes.shape == (1, P, N)
+
+
+def test_a_pretrained_qwen3_brings_its_own_text_tokenizer(tmp_path, text_tok):
+    """With llm.pretrained the text ids must be the checkpoint's (they index its trained embedding rows), not
+    the dataset BPE's; its special tokens are found by their Qwen names."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from kelix.llm.stages import text_tokenizer
+    from kelix.text import TextTokenizer
+
+    qwen_tok = Tokenizer(models.BPE())
+    qwen_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    qwen_tok.train_from_iterator(["a green star left of a red circle"] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path / "qwen"
+    qwen = Qwen3Config(vocab_size=qwen_tok.get_vocab_size() + 16, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    checkpoint = Qwen3ForCausalLM(qwen)
+    checkpoint.save_pretrained(folder)
+    qwen_tok.save(str(folder / "tokenizer.json"))
+
+    bpe_dir = tmp_path / "tokenizer-3"
+    text_tok.save(bpe_dir)
+    assert text_tokenizer(LLMConfig(), bpe_dir).encode("a red star") == text_tok.encode("a red star")
+    cfg = LLMConfig(pretrained=str(folder))
+    mine = text_tokenizer(cfg, bpe_dir)
+    ids = mine.encode("a green star")
+    assert ids == qwen_tok.encode("a green star", add_special_tokens=False).ids
+    assert (mine.pad_id, mine.bos_id, mine.eos_id) == (0, 1, 2)  # <|endoftext|>, <|im_start|>, <|im_end|>
+    llm = KelixLLM.from_config(cfg, N, S, mine.vocab_size, torch.randn(N, S, 8), num_positions=P)
+    rows = checkpoint.get_input_embeddings().weight
+    assert torch.equal(llm.embedding_table()[ids], rows[ids])  # each id keeps the row it was trained with
+    mine.save(tmp_path / "llm-1")  # what the stage ships beside its model, and the bundle loads
+    assert TextTokenizer.load(tmp_path / "llm-1").eos_id == mine.eos_id
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.json: a pretrained LLM needs its own tokenizer"):
+        text_tokenizer(LLMConfig(pretrained=str(tmp_path)), bpe_dir)

@@ -8,12 +8,12 @@
   llm-4 sft      instruction-style data: VQA answers, prompt -> image.
 
 The tokenizer is frozen throughout: images are encoded once (corpus.py). Each stage trains with the shared
-loop (checkpoints under out_dir, so a crash resumes), saves `model/` and a copy of `text_tokenizer.json`, and
+loop (checkpoints under out_dir, so a crash resumes), saves `model/` and the text tokenizer it used, and
 returns validation metrics (evaluate.py).
 """
 from __future__ import annotations
 
-import shutil
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,7 +23,6 @@ from kelix.llm.evaluate import teacher_forced_losses, vqa_accuracy
 from kelix.llm.loss import nbp_loss
 from kelix.llm.model import KelixLLM
 from kelix.llm.sequences import SequenceBuilder
-from kelix.text import FILENAME as TEXT_TOKENIZER_FILE
 from kelix.text import TextTokenizer
 from kelix.train import distributed
 from kelix.train.loop import train
@@ -64,6 +63,12 @@ def clean_subset(split: Split, min_gap: float, cell: float) -> Split:
     return split.subset(keep) if keep else split
 
 
+def text_tokenizer(cfg, tok_dir: Path) -> TextTokenizer:
+    """The LLM's text tokenizer: a pretrained Qwen3's own (its ids index the checkpoint's embedding rows), else
+    the BPE the tokenizer stage trained on the dataset."""
+    return TextTokenizer.from_checkpoint(cfg.pretrained) if cfg.pretrained else TextTokenizer.load(tok_dir)
+
+
 def run(ctx, stage: int) -> dict[str, float]:
     from kelix.tokenizer.model import KelixTokenizer
 
@@ -71,7 +76,7 @@ def run(ctx, stage: int) -> dict[str, float]:
     tcfg = getattr(cfg, f"train{stage}")
     tok_dir = ctx.input(TOKENIZER_STAGE)
     tokenizer = KelixTokenizer.from_pretrained(tok_dir / "model", map_location=ctx.device)
-    text_tok = TextTokenizer.load(tok_dir)
+    text_tok = text_tokenizer(cfg, tok_dir)
     reuse = (ctx.input(f"llm-{stage - 1}"),) if stage > 1 else ()
     splits = load_splits(ctx.data_dir, tokenizer, tok_dir / "model", ctx.out_dir, ctx.device, reuse_from=reuse)
     llm = build_model(ctx, stage, tokenizer, text_tok)
@@ -100,7 +105,7 @@ def run(ctx, stage: int) -> dict[str, float]:
 
     if ctx.is_main:  # under torchrun every rank holds the same weights; one writes them
         llm.save_pretrained(ctx.out_dir / "model")
-        shutil.copyfile(tok_dir / TEXT_TOKENIZER_FILE, ctx.out_dir / TEXT_TOKENIZER_FILE)
+        text_tok.save(ctx.out_dir)  # the one the model's text ids mean (the BPE's, or the checkpoint's)
     metrics = {f"train_{k}": v for k, v in result.metrics.items()}
     metrics.update(teacher_forced_losses(llm, text_tok, splits["val"], limit=cfg.val_records))
     metrics.update(vqa_accuracy(llm, text_tok, splits["val"], limit=cfg.val_questions))
