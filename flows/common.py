@@ -23,7 +23,7 @@ from prefect.runtime import task_run
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, Field
 
-from kelix.artifacts import ArtifactStore
+from kelix.artifacts import ArtifactStore, store_uri
 from kelix.config import ConfigError, KelixConfig, config_hash, load_config
 from kelix.runners import get_runner, is_transient
 
@@ -57,7 +57,7 @@ class Context:
         self.settings = settings
         self.cfg: KelixConfig = load_config(settings.preset, settings.params, settings.overrides)
         self.data_dir = Path(settings.data or self.cfg.data.root).resolve()
-        artifacts = settings.artifacts or os.environ.get("KELIX_ARTIFACTS") or self.cfg.runtime.artifacts
+        artifacts = store_uri(settings.artifacts, self.cfg.runtime.artifacts)
         # A local store is made absolute so child processes and later reruns agree on it.
         self.artifacts = artifacts if "://" in artifacts else str(Path(artifacts).resolve())
         self.store = ArtifactStore(self.artifacts)
