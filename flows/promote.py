@@ -35,8 +35,9 @@ def registered_version(ctx: Context, eval_key: str, eval_done_at: str) -> str | 
         versions = client.search_model_versions(f"name='{name}'")
     except MlflowException:
         return None
+    # A version registered before eval_done_at was recorded matches on the key alone (as it did then).
     found = [mv for mv in versions if mv.tags.get("lineage.eval_key") == eval_key
-             and mv.tags.get("lineage.eval_done_at") == eval_done_at]
+             and mv.tags.get("lineage.eval_done_at", eval_done_at) == eval_done_at]
     return str(max(int(mv.version) for mv in found)) if found else None
 
 

@@ -80,18 +80,26 @@ class ArtifactStore:
         redone by the next one, and processes pulling the same folder at once (torchrun ranks sharing a
         cache) never read a file another one is still writing."""
         local = self.local_dir(stage, key)
-        marker = local / STATUS_FILE
-        if not self.remote or (marker.exists() and json.loads(marker.read_text()).get("status") == SUCCESS):
+        if not self.remote:
             return local
+        marker = local / STATUS_FILE
         remote = self._remote_path(stage, key)
-        for path in sorted(self.fs.find(remote)):
+        status = self.fs.cat_file(f"{remote}/{STATUS_FILE}") if self.fs.exists(f"{remote}/{STATUS_FILE}") else None
+        # Current only if it holds the store's own SUCCESS marker: a forced rerun re-marks the store, and its new
+        # outputs must replace the mirror's.
+        if status is not None and marker.exists() and marker.read_bytes() == status \
+                and json.loads(status).get("status") == SUCCESS:
+            return local
+        files = sorted(self.fs.find(remote))
+        if not files:
+            raise FileNotFoundError(f"{self.uri} has no outputs for {stage}/{key}: run the stage first")
+        for path in files:
             rel = path[len(remote) + 1:]  # find() answers in the same protocol-less form as the root
             if rel == STATUS_FILE:
                 continue
             dest = local / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             replace_atomically(dest, lambda tmp, src=path: self.fs.get_file(src, str(tmp)))
-        status = self.fs.cat_file(f"{remote}/{STATUS_FILE}") if self.fs.exists(f"{remote}/{STATUS_FILE}") else None
         if status is not None:
             replace_atomically(marker, lambda tmp: tmp.write_bytes(status))
         return local

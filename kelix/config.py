@@ -98,7 +98,7 @@ def load_config(
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc.problem or exc}); "
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(exc, 'problem', None) or exc}); "
                               "quote it to pass a string") from exc
         set_value(cfg, key.strip(), value)
     return cfg

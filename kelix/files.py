@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -18,8 +19,15 @@ def file_sha256(path: str | Path) -> str:
 
 
 def replace_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
-    """`write(tmp)` under a per-process temporary name beside `path`, then rename it onto `path`."""
+    """`write(tmp)` under a temporary name of its own beside `path`, then rename it onto `path`.
+
+    The name is unique per call, not only per process: the ranks of a multi-node Job share one cache volume, and
+    processes in different pods often have the same PID. A write that fails removes its temporary file."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -328,7 +328,7 @@ def _add_commands(sub) -> None:
     run.add_argument("name", help=f"stage name: {', '.join(ORDER)}")
     add_config_args(run)
     run.add_argument("--data", default=None, help="dataset folder (default: data.root of the config)")
-    run.add_argument("--artifacts", default=None, help="artifact store URI (default: runtime.artifacts)")
+    run.add_argument("--artifacts", default=None, help="artifact store URI (default: $KELIX_ARTIFACTS or runtime.artifacts)")
     run.add_argument("--force", action="store_true", help="rerun even if finished outputs exist")
     run.set_defaults(func=_cmd_run)
     lst = sub.add_parser("list", help="list the stages and what they read")
@@ -336,7 +336,7 @@ def _add_commands(sub) -> None:
     keys = sub.add_parser("keys", help="print each stage's key and status for a config")
     add_config_args(keys)
     keys.add_argument("--data", default=None)
-    keys.add_argument("--artifacts", default=None)
+    keys.add_argument("--artifacts", default=None, help="artifact store URI (default: $KELIX_ARTIFACTS or runtime.artifacts)")
     keys.set_defaults(func=_cmd_keys)
 
 

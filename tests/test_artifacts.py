@@ -75,3 +75,37 @@ def test_the_store_is_the_one_given_then_the_environments_then_the_configs(monke
     monkeypatch.setenv("KELIX_ARTIFACTS", "s3://team/runs")  # what a pod or the compose worker sets
     assert store_uri(None, "artifacts") == "s3://team/runs"
     assert store_uri("/tmp/mine", "artifacts") == "/tmp/mine"
+
+
+def test_a_rerun_in_the_store_replaces_the_mirrors_copy(stores):
+    """A forced rerun re-marks the store: a mirror holding the earlier run's marker must not be taken as current
+    (the release flow would register the old bundle under the new metrics)."""
+    writer, reader = stores
+    assert (reader.pull("llm-1", "k1") / "metrics.json").read_text() == '{"loss": 0.5}'
+    local = writer.local_dir("llm-1", "k1")
+    (local / "metrics.json").write_text('{"loss": 0.25}')
+    writer.push("llm-1", "k1")
+    writer.mark("llm-1", "k1", SUCCESS, note="forced rerun")
+    assert (reader.pull("llm-1", "k1") / "metrics.json").read_text() == '{"loss": 0.25}'
+
+
+def test_pulling_what_the_store_does_not_hold_says_so(stores):
+    _, reader = stores
+    with pytest.raises(FileNotFoundError, match="has no outputs for llm-2/nope: run the stage first"):
+        reader.pull("llm-2", "nope")
+
+
+def test_a_failed_atomic_write_leaves_neither_a_file_nor_its_temporary(tmp_path):
+    from kelix.files import replace_atomically
+
+    target = tmp_path / "cache.npy"
+
+    def dies(tmp):
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_atomically(target, dies)
+    assert list(tmp_path.iterdir()) == []
+    replace_atomically(target, lambda tmp: tmp.write_bytes(b"whole"))
+    assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]

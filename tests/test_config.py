@@ -68,6 +68,8 @@ def test_bad_params_file(tmp_path):
         load_config("tiny", tmp_path)
     with pytest.raises(ConfigError, match=r"override 'eval.model_name=\[a': the value is not valid YAML.*quote it"):
         load_config("tiny", None, ["eval.model_name=[a"])
+    with pytest.raises(ConfigError, match="the value is not valid YAML"):  # a control character: a ReaderError
+        load_config("tiny", None, ["eval.model_name=a\x07b"])
 
 
 def test_nested_dataclass_values_in_dicts():

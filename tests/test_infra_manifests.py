@@ -317,6 +317,6 @@ def test_the_mlflow_server_accepts_its_service_names_and_a_port_forward():
     (deploy,) = [o for o in RENDERED["mlflow"] if o["kind"] == "Deployment"]
     args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
     allowed = next(a for a in args if a.startswith("--allowed-hosts=")).split("=", 1)[1].split(",")
-    for host in ("kelix-mlflow:5000", "kelix-mlflow.kelix.svc.cluster.local:5000", "localhost:5000", "127.0.0.1:5000"):
+    for host in ("kelix-mlflow:5000", "kelix-mlflow.kelix.svc.cluster.local:5000", "localhost:5000", "localhost:8080", "127.0.0.1:5000"):
         assert is_allowed_host_header(allowed, host), host
     assert not is_allowed_host_header(allowed, "evil.example:5000")

@@ -181,7 +181,7 @@ def test_a_champion_that_cannot_be_read_stops_the_promotion(registry, monkeypatc
 
     monkeypatch.setattr(release, "configure", lambda: Locked(tracking_uri=tracking_uri(), registry_uri=tracking_uri()))
     with pytest.raises(RegistryError, match=r"could not read alias 'champion' of model 'm-unreadable-champion' .*"
-                                            r"database is locked.*nothing was changed"):
+                                            r"database is locked.*kelix registry status"):
         promote(worse, cfg, "looks fine")
     monkeypatch.undo()
     assert aliases(name)[CHAMPION] == start

@@ -304,3 +304,23 @@ def test_reproduce_reads_the_recorded_config_and_lineage(registry):
     assert rec.metrics == GOOD and rec.lineage["pipeline_run_id"] == "run-123"
     with pytest.raises(ReproduceError, match="no version 99"):
         recorded("kelix-test", "99")
+
+
+def test_the_release_flow_reuses_a_version_only_for_the_same_eval_run(registry):
+    """Registered from the same eval key and run: reused. Same key, later run (forced re-evaluation): not.
+    A version registered before the run was recorded matches on the key alone."""
+    from types import SimpleNamespace
+
+    from flows.promote import registered_version
+
+    name = "m-reuse"
+    ctx = SimpleNamespace(cfg=cfg_for(name))
+    client = configure()
+    old, new = add_version(registry, name, GOOD), add_version(registry, name, GOOD)
+    client.set_model_version_tag(name, old, "lineage.eval_key", "k-old")
+    client.set_model_version_tag(name, new, "lineage.eval_key", "k-new")
+    client.set_model_version_tag(name, new, "lineage.eval_done_at", "100.5")
+    assert registered_version(ctx, "k-new", "100.5") == new
+    assert registered_version(ctx, "k-new", "200.0") is None  # forced re-evaluation: register its bundle
+    assert registered_version(ctx, "k-old", "300.0") == old  # registered before eval_done_at existed
+    assert registered_version(ctx, "k-other", "100.5") is None

@@ -111,8 +111,8 @@ def _alias(client, name: str, alias: str) -> str | None:
     except MlflowException as exc:
         if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
             return None
-        raise RegistryError(f"could not read alias {alias!r} of model {name!r} from the registry ({exc}); "
-                            "nothing was changed: check the tracking server and retry") from exc
+        raise RegistryError(f"could not read alias {alias!r} of model {name!r} from the registry ({exc}): check the "
+                            "tracking server, then `kelix registry status` before retrying") from exc
 
 
 def _version(client, name: str, version: str):
