@@ -39,9 +39,11 @@ def _bundle(args: argparse.Namespace):
 def _image(path: str):
     from PIL import Image, UnidentifiedImageError
 
+    from kelix.data.images import to_rgb
+
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError:
         raise
     # A truncated or damaged file opens (the header is fine) and fails in convert() with OSError/SyntaxError.

@@ -95,3 +95,19 @@ def test_a_rewritten_image_under_an_unchanged_manifest_is_decoded_again(tmp_path
     assert keys2 == keys and not torch.equal(after[0], before[0])
     assert after[0, :, 0, 0].tolist() == [255, 0, 0] and torch.equal(after[1], before[1])
     assert len(list(ds.with_name(ds.name + ".cache").glob("val-*"))) == 2  # one .npy and its keys, nothing stale
+
+
+def test_transparent_pixels_read_as_white_as_at_import(tmp_path):
+    """A palette image whose transparent index holds a colour: plain convert("RGB") would show that colour."""
+    from PIL import Image
+
+    ds = generate_shapes(tmp_path / "shapes", num_train=4, num_val=2, num_test=2)
+    rec = next(iter_records(ds, "val"))
+    im = Image.new("P", (64, 64), 1)
+    im.putpalette([0, 0, 255, 255, 0, 0] + [0] * 762)  # index 0 blue, index 1 red
+    im.info["transparency"] = 1
+    im.paste(0, (0, 0, 8, 8))
+    im.save(ds / rec["image"], transparency=1)
+    _, images = load_images(ds, "val")
+    assert images[0, :, 32, 32].tolist() == [255, 255, 255]  # transparent red: the white it is composited on
+    assert images[0, :, 2, 2].tolist() == [0, 0, 255]

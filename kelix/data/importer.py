@@ -18,12 +18,12 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kelix.data.config import DataConfig
 from kelix.data.format import (FORMAT_VERSION, MANIFEST, QUARANTINE, SPLITS, DatasetError, resolve_inside,
                                safe_relpath, split_counts, write_dataset_json, write_jsonl_atomic)
+from kelix.data.images import to_rgb
 
 CAPTIONS = "captions.jsonl"
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -65,20 +65,6 @@ def _key_for(path: str) -> str:
     return f"{stem[:100]}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB for any mode: alpha is composited on white (dropping it would expose hidden colours), 16-bit and
-    float greyscale are scaled to 8 bits instead of clipped."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
 def _load_image(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
     if not path.exists():
         raise _Bad("image file not found")
@@ -97,7 +83,7 @@ def _load_image(path: Path, max_pixels: int) -> tuple[Image.Image, str]:
                 im.load()
                 mode = im.mode
                 im = ImageOps.exif_transpose(im)
-                return _to_rgb(im), mode
+                return to_rgb(im), mode
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _Bad(f"decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:

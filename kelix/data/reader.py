@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from kelix.data.format import MANIFEST, QUARANTINE, SPLITS, DatasetError, iter_manifest_lines, quarantined_keys, resolve_inside
+from kelix.data.images import to_rgb
 from kelix.files import replace_atomically
 
 
@@ -38,7 +39,7 @@ def iter_records(root: str | Path, split: str | None = None) -> Iterator[dict]:
 def open_image(root: str | Path, rec: dict, image_size: int | None = None) -> Image.Image:
     """The record's image as RGB, resized to image_size x image_size when given."""
     with Image.open(resolve_inside(root, rec["image"], "image path")) as im:
-        im = im.convert("RGB")
+        im = to_rgb(im)  # as the importer does: a transparent palette image's hidden colours stay hidden
     if image_size and im.size != (image_size, image_size):
         im = im.resize((image_size, image_size), Image.BICUBIC)
     return im
