@@ -209,7 +209,7 @@ def gate(version: str, cfg: KelixConfig, client=None) -> GateDecision:
     champ_metrics = read_metrics(_version(client, name, champion).tags) if champion and champion != str(version) else {}
     failures = check_gate(metrics, dict(cfg.eval.thresholds), cfg.eval.regression_tolerance, champ_metrics,
                           champion if champ_metrics else None)
-    if mv.tags.get("kelix.rolled_back_at"):
+    if _rolled_back_since_promotion(mv.tags):
         failures.append(f"version {version} was rolled back at {mv.tags['kelix.rolled_back_at']} "
                         f"({mv.tags.get('kelix.rollback_reason', '')}); promote it with --force if that is intended")
     decision = GateDecision(str(version), not failures, failures, metrics, champion if champ_metrics else None, champ_metrics)
