@@ -80,7 +80,8 @@ def load_config(
     if params is not None:
         path = Path(params)
         if not path.is_file():
-            raise ConfigError(f"params file {path} does not exist" if not path.exists() else f"params file {path} is not a file")
+            what = "is not a file" if path.exists() else "does not exist"
+            raise ConfigError(f"params file {path} {what}")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
@@ -98,8 +99,9 @@ def load_config(
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(exc, 'problem', None) or exc}); "
-                              "quote it to pass a string") from exc
+            problem = getattr(exc, "problem", None) or exc  # a ReaderError (control character) has no .problem
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it to pass a "
+                              "string") from exc
         set_value(cfg, key.strip(), value)
     return cfg
 

@@ -3,8 +3,8 @@
 Training on 64 px images is bound by PNG decoding, not by the model, so `load_images` decodes a split once
 into one uint8 array kept next to the dataset (`<root>.cache/`), keyed by a fingerprint of the manifest and
 of the image files (size, mtime) so a regenerated, re-imported or re-validated dataset never serves stale
-pixels. Quarantined keys are skipped everywhere,
-even in the short window where validation has written the quarantine but not yet rewritten the manifest.
+pixels. Quarantined keys are skipped everywhere, even in the short window where validation has written the
+quarantine but not yet rewritten the manifest.
 """
 from __future__ import annotations
 
