@@ -149,3 +149,21 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path):
                    tmp_path, progress=False)
     assert result.stopped_by_budget and 0 < result.step < 10_000
     assert latest_checkpoint(tmp_path / "checkpoints").step == result.step
+
+
+def test_a_metric_some_micro_batches_lack_is_averaged_over_those_that_have_it(tmp_path):
+    """With accumulation, a micro-batch without image blocks reports no code loss: it must not count as 0."""
+    model, get_batch, step_fn = _problem()
+    calls = []
+
+    def counting_batches(i):
+        calls.append(i)
+        return get_batch(i)
+
+    def only_even(m, batch):  # code loss on the first of each step's 2 micro-batches only
+        loss, _ = step_fn(m, batch)
+        return loss, ({"code_loss": 5.0} if len(calls) % 2 == 1 else {}) | {"always": 1.0}
+
+    result = train(model, [{"params": model.parameters()}], counting_batches, only_even, _cfg(num_steps=2), tmp_path,
+                   progress=False)
+    assert result.metrics["code_loss"] == 5.0 and result.metrics["always"] == 1.0

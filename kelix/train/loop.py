@@ -196,13 +196,17 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         for micro in range(cfg.grad_accum_steps):
             batch = get_batch(step * cfg.grad_accum_steps + micro)
             with _autocast(device, cfg.precision):
                 loss, step_metrics = forward_step(batch)
             (loss / cfg.grad_accum_steps).backward()
             for k, v in {"loss": float(loss.detach()), **step_metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum_steps
+                sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
+        # Each metric over the micro-batches that reported it (one without image blocks has no code loss).
+        sums = {k: v / counts[k] for k, v in sums.items()}
         if cfg.grad_clip > 0:
             params = [p for g in optimizer.param_groups for p in g["params"]]
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -230,7 +234,7 @@ def train(
                 if fsdp:
                     distributed.gather_full(trained, model)
                 on_checkpoint(step)
-        if over_budget:
+        if over_budget and step < cfg.num_steps:  # a budget that runs out on the last step stopped nothing
             stopped = True
             break
     bar.close()
