@@ -184,3 +184,14 @@ def test_pretrained_vision_tower_is_loaded_from_a_local_folder(tmp_path):
     tok.save_pretrained(tmp_path / "model")
     (tmp_path / "siglip" / "model.safetensors").unlink()
     assert torch.equal(KelixTokenizer.from_pretrained(tmp_path / "model").encode(images()), tok.encode(images()))
+
+
+def test_codes_under_bf16_autocast_are_the_float32_codes():
+    """Training runs the quantizer under bf16 autocast; `encode` in fp32. Both must pick the same codes."""
+    torch.manual_seed(0)
+    q = SimVQ("multi", 2, 1024, 64, 512, beta=0.25)
+    z = torch.randn(4, 16, 128)
+    _, fp32, _, _ = q(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, bf16, loss, _ = q(z)
+    assert torch.equal(bf16, fp32) and out.dtype == torch.float32 and loss.dtype == torch.float32

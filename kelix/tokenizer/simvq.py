@@ -81,7 +81,14 @@ class SimVQ(nn.Module):
         return torch.stack([per_part[i][indices[..., i]] for i in range(self.parts)], dim=-2)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """z [B,P,N*code_dim] -> (straight-through quantized parts [B,P,parts,dim], indices, loss, stats)."""
+        """z [B,P,N*code_dim] -> (straight-through quantized parts [B,P,parts,dim], indices, loss, stats).
+
+        In float32 even under bf16 autocast: codes picked from rounded distances would differ from the ones
+        `encode` (fp32) hands the LLM, so the quantizer would train on other codes than it serves."""
+        with torch.autocast(z.device.type, enabled=False):
+            return self._quantize(z.float())
+
+    def _quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         parts = self.split(z)
         codes = self.codes()
         indices = self.match(parts.detach(), codes.detach())
