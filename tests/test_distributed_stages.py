@@ -80,9 +80,9 @@ def _out_dir(store: Path, name: str) -> Path:
     return out
 
 
-def _losses(out: Path) -> list[float]:
+def _losses(out: Path, key: str = "loss") -> list[float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r and "step" in r]
+    return [r[key] for r in rows if key in r and "step" in r]
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -159,6 +159,8 @@ def test_two_process_stage_follows_the_single_process_run(base, tmp_path, name, 
     assert len(l1) == len(l2) == 6
     print(f"{name} {strategy}: loss curves within {max(abs(a - b) / abs(a) for a, b in zip(l1, l2)):.1e} relative")
     assert l2 == pytest.approx(l1, rel=1e-3)
+    if name.startswith("tokenizer"):  # counted over the global batch's codes, not averaged over ranks' counts
+        assert _losses(out2, "batch_util_min") == _losses(out1, "batch_util_min")
     _assert_lands_together(_start(base, tmp_path, name, inputs), _weights(out1), _weights(out2), 1e-3)
     # Rank 0 alone wrote the outputs; the checkpoints are DCP folders any world size can load.
     assert json.loads((out2 / "_STATUS.json").read_text())["status"] == "SUCCESS"

@@ -63,9 +63,14 @@ def make_step_fn(task: str):
         metrics = {"quant_loss": float(quant_loss.detach()), **{k: float(v) for k, v in stats.items()}}
         metrics.update({f"{k}_loss": float(v.detach()) for k, v in losses.items()})
         if codes is not None:
-            # Distinct codes of the least-used sub-codebook in this batch: an early warning of collapse.
+            # Distinct codes of the least-used sub-codebook in the global batch: an early warning of collapse.
+            # Counted over all ranks' codes (each rank's own count would fall as the world size grows).
             size = model.tokenizer.codebook_size
-            metrics["batch_util_min"] = min(len(codes[..., i].unique()) for i in range(codes.shape[-1])) / size
+            flat = codes.reshape(-1, codes.shape[-1])
+            used = torch.zeros(codes.shape[-1], size, device=codes.device)
+            used.scatter_(1, flat.T, 1.0)
+            used = distributed.sum_across_ranks(used)
+            metrics["batch_util_min"] = float((used > 0).sum(-1).min()) / size
         return loss, metrics
 
     return step_fn
