@@ -217,3 +217,17 @@ def test_ablation_quantizers_run_through_stage_1(tiny_dataset, tmp_path, kind):
     assert ("util_min" in metrics) == (kind != "continuous")
     if kind == "single":
         assert "util_0" in metrics and "util_1" not in metrics
+
+
+def test_the_aux_vqa_loss_averages_only_batches_that_have_questions(tiny_dataset):
+    """Imported data may carry no questions for some images: such a batch has no QA loss, not a loss of 0."""
+    from kelix.tokenizer.evaluate import evaluate
+
+    cfg = cfg_with()
+    model, images, rows = _trainer(tiny_dataset, cfg)
+    uint8 = (images * 255).round().to(torch.uint8)
+    full = evaluate(model, rows, uint8[:4], batch_size=4)["aux_vqa_loss"]
+    rows.qas[4:] = [[] for _ in rows.qas[4:]]  # the second batch of 4 has no questions
+    assert evaluate(model, rows, uint8, batch_size=4)["aux_vqa_loss"] == pytest.approx(full)
+    rows.qas = [[] for _ in rows.qas]
+    assert "aux_vqa_loss" not in evaluate(model, rows, uint8, batch_size=4)

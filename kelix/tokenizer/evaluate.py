@@ -27,6 +27,7 @@ def evaluate(model: TokenizerTrainer, rows: TextRows, images: torch.Tensor, batc
     was_training = model.training
     model.eval()
     counts = None
+    qa_sum = qa_weight = 0.0
     sums: dict[str, float] = defaultdict(float)
     right: dict[str, int] = defaultdict(int)
     asked: dict[str, int] = defaultdict(int)
@@ -44,7 +45,8 @@ def evaluate(model: TokenizerTrainer, rows: TextRows, images: torch.Tensor, batc
             counts = hist if counts is None else counts + hist
         losses = aux.packed_losses(emb, rows.packed(idx).to(device))
         sums["aux_caption_loss"] += float(losses["caption"]) * weight
-        sums["aux_vqa_loss"] += float(losses.get("qa", torch.zeros(()))) * weight
+        if "qa" in losses:  # a batch without questions (imported data may have none) has no QA loss, not 0
+            qa_sum, qa_weight = qa_sum + float(losses["qa"]) * weight, qa_weight + weight
         # Greedy answers, grouped by question length so each group decodes without padding.
         groups: dict[int, list] = defaultdict(list)
         for q in rows.questions(idx):
@@ -59,6 +61,8 @@ def evaluate(model: TokenizerTrainer, rows: TextRows, images: torch.Tensor, batc
                     asked[key] += 1
     model.train(was_training)
     metrics = dict(sums)
+    if qa_weight:
+        metrics["aux_vqa_loss"] = qa_sum / qa_weight
     if "commitment" in metrics:
         metrics["commitment_loss"] = metrics.pop("commitment")
     metrics["vqa_accuracy"] = right["all"] / max(1, asked["all"])
