@@ -79,6 +79,9 @@ def test_load_by_alias_pyfunc_and_bundle(served):
     # Same prompt and seed, same image: whatever else was in the frame.
     again = model.predict(frame().iloc[[1]].reset_index(drop=True))
     assert again["image"][0] == full["image"][1]
+    # A Python caller's whole-number seeds arrive as an int64 column: accepted, and the same image.
+    ints = model.predict(pd.DataFrame([{"task": "generate", "prompt": "a red circle left of a blue square", "seed": 3}]))
+    assert ints["image"][0] == full["image"][1]
 
 
 def test_mlflow_models_predict_cli(served, tmp_path):
@@ -224,3 +227,16 @@ def test_predict_frame_rejects_bad_rows_naming_them(row, message):
 
     with pytest.raises(ValueError, match=message):
         predict_frame(_RecordingBundle(), pd.DataFrame([row]))
+
+
+def test_a_served_transparent_image_reads_as_the_cli_and_training_read_it():
+    import base64
+    import io
+
+    from PIL import Image
+
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # fully transparent black
+    buf = io.BytesIO()
+    rgba.save(buf, format="PNG")
+    decoded = decode_image(base64.b64encode(buf.getvalue()).decode("ascii"), 0)
+    assert decoded.mode == "RGB" and decoded.getpixel((1, 1)) == (255, 255, 255)

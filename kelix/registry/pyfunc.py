@@ -20,7 +20,10 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import AnyType
 from PIL import Image
+
+from kelix.data.images import to_rgb
 
 TASKS = ("ask", "generate", "reconstruct")
 
@@ -30,9 +33,10 @@ SIGNATURE = ModelSignature(
         ColSpec("string", "image", required=False),
         ColSpec("string", "question", required=False),
         ColSpec("string", "prompt", required=False),
-        # double, not long: a frame mixing ask rows (no seed) with generate rows turns the column's JSON nulls
-        # into NaN, which a long column rejects; _seed() still insists on a whole number.
-        ColSpec("double", "seed", required=False),
+        # Any, not long or double: a frame mixing ask rows (no seed) with generate rows turns the column's nulls
+        # into NaN, which a long column rejects, and MLflow will not cast a Python caller's int64 column to
+        # double; _seed() insists on a whole number.
+        ColSpec(AnyType(), "seed", required=False),
     ]),
     outputs=Schema([
         ColSpec("string", "task"),
@@ -64,7 +68,8 @@ def encode_image(image: Image.Image) -> str:
 
 def decode_image(text: str, row: int) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(base64.b64decode(text, validate=True))).convert("RGB")
+        with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as im:
+            return to_rgb(im)  # as `kelix ask` and training read images: transparency on white
     except Exception as exc:
         raise ValueError(f"row {row}: `image` is not a base64-encoded image ({type(exc).__name__}: {exc})") from exc
 
