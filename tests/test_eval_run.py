@@ -56,6 +56,7 @@ class Oracle:
         return [self.by_prompt[p] for p in prompts]
 
     def reconstruct(self, images, seed=0):
+        self.calls.setdefault("reconstruct_seeds", []).append(seed)
         return [im.copy() for im in images]
 
     def encode(self, images):
@@ -76,7 +77,8 @@ def test_oracle_scores_perfectly_and_reports(shapes, tmp_path):
     assert metrics["recon_detector_agreement"] == 1.0
     for i in range(N):
         assert metrics[f"tok_util_{i}"] == P / S and metrics[f"tok_ppl_{i}"] == pytest.approx(P)
-    assert oracle.calls == {"answer": 8, "generate": 3}  # 40 questions and 12 prompts in batches of 5
+    # 40 questions and 12 prompts in batches of 5; reconstruction batch i starts at seed + its first index.
+    assert oracle.calls == {"answer": 8, "generate": 3, "reconstruct_seeds": [cfg.eval.seed, cfg.eval.seed + 5]}
 
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert report["metrics"] == pytest.approx(metrics)
@@ -86,6 +88,22 @@ def test_oracle_scores_perfectly_and_reports(shapes, tmp_path):
     assert "| held-out combinations |" in md and "| position |" in md
     with Image.open(tmp_path / "out" / "grid.png") as grid:
         assert grid.width == 8 * 132 and grid.height == 3 * (128 + 5 * 12 + 4 + 4)
+
+
+def test_unannotated_records_are_scored_against_the_detections_on_the_original(shapes, tmp_path):
+    """Imported records carry `objects: []` (not annotated): a perfect reconstruction must still agree."""
+    import shutil
+
+    from kelix.data.format import MANIFEST
+
+    data = tmp_path / "imported"
+    shutil.copytree(shapes, data)
+    lines = [json.loads(line) for line in (data / MANIFEST).read_text().splitlines()]
+    (data / MANIFEST).write_text("".join(json.dumps({**r, "objects": []}) + "\n" for r in lines))
+    cfg = load_config("tiny", overrides=["eval.num_vqa=5", "eval.num_generation_prompts=3",
+                                         "eval.num_reconstructions=4", "eval.num_tokenizer_images=2"])
+    metrics = evaluate_bundle(Oracle(data, cfg), data, tmp_path / "out", log=lambda _: None)
+    assert metrics["recon_detector_agreement"] == 1.0
 
 
 def test_wrong_answers_score_zero(shapes, tmp_path):

@@ -83,12 +83,16 @@ def evaluate_bundle(bundle: Any, data_dir: str | Path, out_dir: str | Path, mode
     recon_recs = first_records(records, ecfg.num_reconstructions)
     originals = [image_of(r) for r in recon_recs]
     recons: list[Image.Image] = []
-    for _, chunk in _batched(originals, bs):
-        recons += bundle.reconstruct(chunk, seed=ecfg.seed)
+    for start, chunk in _batched(originals, bs):
+        # seed + start: image i gets seed + i whatever the batch size, as in generation.
+        recons += bundle.reconstruct(chunk, seed=ecfg.seed + start)
     recons = [r.convert("RGB").resize(o.size, Image.BICUBIC) if r.size != o.size else r.convert("RGB")
               for r, o in zip(recons, originals)]
-    metrics.update(M.reconstruction_scores(originals, recons, [r["objects"] for r in recon_recs],
-                                           [detect(im) for im in recons]))
+    # An imported record's empty `objects` means "not annotated", not "nothing there": its reference is what
+    # the detector finds in the original (the AE-DiT stage's own measure).
+    expected = [r["objects"] or [{"shape": d.shape, "colour": d.colour, "box": list(d.box)} for d in detect(o)]
+                for r, o in zip(recon_recs, originals)]
+    metrics.update(M.reconstruction_scores(originals, recons, expected, [detect(im) for im in recons]))
     details["reconstruction"] = {"n": len(recons)}
     log(f"eval: reconstruction PSNR {metrics['recon_psnr']:.2f} dB, SSIM {metrics['recon_ssim']:.3f}")
 
