@@ -237,7 +237,7 @@ class KelixBundle:
         root = Path(root)
         manifest = check_bundle(root, verify_hashes=verify)
         cfg = read_config(root)
-        dev = torch.device(device) if device is not None else resolve_device("auto")
+        dev = resolve_device("auto" if device is None else device)
         parts = {part: _load_part(part, root / part, dev, manifest.get("git_sha", "unknown")) for part in PARTS}
         return cls(root=root, cfg=cfg, text_tok=TextTokenizer.load(root), device=dev, **parts)
 

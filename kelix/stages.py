@@ -192,10 +192,19 @@ class StageInputMissing(RuntimeError):
     """An input stage has not finished: run the stages in order (or the pipeline)."""
 
 
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
+def resolve_device(spec: str | torch.device) -> torch.device:
+    """`auto` (cuda when torch sees one, else cpu) or a device torch has here; anything else is a ValueError
+    that says what to pass, not an assertion deep inside the first tensor move."""
+    if str(spec) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {str(spec)!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {str(spec)!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s) "
+                         "here: use cpu (or auto)")
+    return device
 
 
 def stage_resources(cfg: KelixConfig, name: str) -> Resources:

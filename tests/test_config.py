@@ -99,3 +99,15 @@ def test_stage_keys_follow_only_their_inputs():
     assert stage_keys(load_config("tiny", None, ["eval.regression_tolerance=0.5"]), "data-v1") == keys
     # New data moves everything.
     assert all(stage_keys(base, "data-v2")[n] != k for n, k in keys.items())
+
+
+def test_a_device_torch_does_not_have_is_a_clear_error():
+    import torch
+
+    from kelix.stages import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu': use auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    with pytest.raises(ValueError, match=r"device 'cuda:99' asked for, but torch sees \d+ CUDA device"):
+        resolve_device("cuda:99")
