@@ -102,6 +102,9 @@ def check_bundle(root: str | Path, verify_hashes: bool = True) -> dict:
     except (ValueError, KeyError) as exc:
         raise BundleError(f"{mpath} is corrupt ({exc}): {FIX_HINT}") from exc
     for path in _files(root):
+        if path.suffix == ".safetensors" and path.relative_to(root).as_posix() not in files:
+            # Weights the manifest does not vouch for (size, sha256) are not loaded on trust.
+            raise BundleError(f"{path} is not listed in {MANIFEST}: {FIX_HINT}")
         if path.suffix in PICKLE_SUFFIXES:
             raise BundleError(f"{path} is a pickle-format file; bundles hold safetensors only (unpickling runs "
                               f"arbitrary code): save the model with save_pretrained(safe_serialization) and "

@@ -86,6 +86,15 @@ def test_truncated_and_missing_files_are_named(copy):
         check_bundle(copy)
 
 
+def test_weights_the_manifest_does_not_list_are_refused(copy):
+    """Dropping a part's weights from bundle.json must not let them load unchecked."""
+    manifest = json.loads((copy / "bundle.json").read_text())
+    del manifest["files"]["llm/model.safetensors"]
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"llm/model\.safetensors is not listed in bundle\.json"):
+        check_bundle(copy)
+
+
 def test_pickle_files_are_refused(copy):
     (copy / "tokenizer" / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
     with pytest.raises(BundleError, match=r"pytorch_model\.bin is a pickle-format file"):
