@@ -229,7 +229,7 @@ def test_predict_frame_rejects_bad_rows_naming_them(row, message):
         predict_frame(_RecordingBundle(), pd.DataFrame([row]))
 
 
-def test_a_served_transparent_image_reads_as_the_cli_and_training_read_it():
+def test_served_images_decode_like_the_cli_reads_them():
     import base64
     import io
 
@@ -238,5 +238,12 @@ def test_a_served_transparent_image_reads_as_the_cli_and_training_read_it():
     rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # fully transparent black
     buf = io.BytesIO()
     rgba.save(buf, format="PNG")
-    decoded = decode_image(base64.b64encode(buf.getvalue()).decode("ascii"), 0)
+    text = base64.b64encode(buf.getvalue()).decode("ascii")
+    decoded = decode_image(text, 0)
     assert decoded.mode == "RGB" and decoded.getpixel((1, 1)) == (255, 255, 255)
+    # What people paste: a data URL, or the `base64` tool's output wrapped at 76 characters.
+    wrapped = "\n".join(text[i:i + 76] for i in range(0, len(text), 76))
+    for variant in (f"data:image/png;base64,{text}", wrapped):
+        assert decode_image(variant, 0).tobytes() == decoded.tobytes()
+    with pytest.raises(ValueError, match="row 3: `image` is not a base64-encoded image"):
+        decode_image("not base64!", 3)

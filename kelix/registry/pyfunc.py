@@ -67,8 +67,12 @@ def encode_image(image: Image.Image) -> str:
 
 
 def decode_image(text: str, row: int) -> Image.Image:
+    """base64 PNG/JPEG/...; a `data:image/...;base64,` prefix and line breaks (`base64`'s default output) are
+    accepted."""
     try:
-        with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as im:
+        if text.startswith("data:") and "," in text:
+            text = text.split(",", 1)[1]
+        with Image.open(io.BytesIO(base64.b64decode("".join(text.split()), validate=True))) as im:
             return to_rgb(im)  # as `kelix ask` and training read images: transparency on white
     except Exception as exc:
         raise ValueError(f"row {row}: `image` is not a base64-encoded image ({type(exc).__name__}: {exc})") from exc
