@@ -86,6 +86,35 @@ def _run(tmp_path, text_tok, name: str, crash_at: int | None) -> dict[str, torch
     return {k: v.detach().clone() for k, v in llm.state_dict().items()}
 
 
+def test_an_understanding_draw_without_questions_is_a_captioning_example(text_tok):
+    """Imported records may have no QA: the understanding share must stay image-to-text, not turn into
+    generation (caption dropout and all)."""
+    import numpy as np
+
+    from kelix.llm.sequences import IMAGE, TEXT
+
+    llm = toy_llm(text_tok, num_codebooks=N, codebook_size=S)
+    records = [{**r, "qa": []} for r in _records(4)]
+    split = Split(records, torch.randint(0, S, (4, P, N), generator=torch.Generator().manual_seed(0)))
+    mix = Mixture(SequenceBuilder(llm.vocab, text_tok), split, batch_size=4, seed=0, understanding=1.0,
+                  generation=0.0, interleaved=0.0, captioning=0.0)
+    for seed in range(8):
+        segs = mix.example(seed % 4, np.random.default_rng(seed))
+        assert [seg.kind for seg in segs][-1] == TEXT and segs[-1].loss  # the caption is the target
+        assert not any(seg.kind == IMAGE and seg.loss for seg in segs)  # no image is generated
+
+
+def test_teacher_forced_text_loss_averages_only_batches_with_questions(text_tok):
+    from kelix.llm.evaluate import teacher_forced_losses
+
+    llm = toy_llm(text_tok, num_codebooks=N, codebook_size=S, num_positions=P).eval()
+    codes = torch.randint(0, S, (8, P, N), generator=torch.Generator().manual_seed(0))
+    with_qa = teacher_forced_losses(llm, text_tok, Split(_records(4), codes[:4]), limit=4, batch_size=4)
+    records = _records(4) + [{**r, "qa": []} for r in _records(4)]
+    mixed = teacher_forced_losses(llm, text_tok, Split(records, codes), limit=8, batch_size=4)
+    assert mixed["val_text_loss"] == pytest.approx(with_qa["val_text_loss"])
+
+
 def test_resume_after_crash_equals_uninterrupted(tmp_path, text_tok):
     straight = _run(tmp_path, text_tok, "straight", None)
     resumed = _run(tmp_path, text_tok, "crashed", crash_at=3)

@@ -119,9 +119,11 @@ class Mixture:
     def example(self, index: int, rng: np.random.Generator):
         rec, codes = self.split.records[index], self.split.codes[index]
         task = rng.choice(4, p=self.weights)
+        if task == 0 and not rec.get("qa"):
+            task = 3  # no questions (imported data): still image-to-text, not a generation example in disguise
         if task == 3:
             return self.builder.captioning(codes, rec["caption"])
-        if task == 0 and rec.get("qa"):
+        if task == 0:
             qa = [(x["q"], x["a"]) for x in rec["qa"]]
             order = rng.permutation(len(qa))
             return self.builder.understanding(codes, [qa[i] for i in order])

@@ -51,15 +51,17 @@ def teacher_forced_losses(llm: KelixLLM, text_tok: TextTokenizer, split: Split, 
     llm.eval()
     builder = SequenceBuilder(llm.vocab, text_tok)
     sums: dict[str, float] = defaultdict(float)
-    batches = 0
-    for start in range(0, min(limit, len(split.records)), batch_size):
+    counts: dict[str, int] = defaultdict(int)
+    end = min(limit, len(split.records))
+    for start in range(0, end, batch_size):
         seqs = []
-        for rec, codes in zip(split.records[start: start + batch_size], split.codes[start: start + batch_size]):
+        stop = min(start + batch_size, end)
+        for rec, codes in zip(split.records[start:stop], split.codes[start:stop]):
             if rec.get("qa"):
                 seqs.append(builder.understanding(codes, [(x["q"], x["a"]) for x in rec["qa"]]))
             seqs.append(builder.generation(rec["prompt"], codes))
         _, metrics = nbp_loss(llm, collate(seqs, llm.vocab).to(llm.device))
-        for k, v in metrics.items():
+        for k, v in metrics.items():  # a batch without questions has no text loss: it must not count as 0
             sums[k] += v
-        batches += 1
-    return {f"{prefix}{k}": v / batches for k, v in sums.items()}
+            counts[k] += 1
+    return {f"{prefix}{k}": v / counts[k] for k, v in sums.items()}
