@@ -157,3 +157,21 @@ def test_four_stages_end_to_end(tmp_path, tiny_dataset):
     assert llm.block_encoder.folded and llm.num_positions == tokenizer.num_positions
     codes = generate_codes(llm.eval(), TextTokenizer.load(tmp_path / "llm-4"), ["a red circle"])
     assert codes.shape == (1, tokenizer.num_positions, tokenizer.num_codebooks)
+
+
+def test_the_tiny_presets_interleaved_sequences_fit_its_max_blocks(tiny_dataset):
+    """Two images and their captions: cut at max_blocks, the second caption was never trained."""
+    from kelix.config import load_config
+    from kelix.data.reader import iter_records
+    from kelix.llm.model import Vocab
+    from kelix.text import dataset_texts, train_text_tokenizer
+
+    cfg = load_config("tiny")
+    t = cfg.tokenizer
+    records = list(iter_records(tiny_dataset, "train"))
+    tok = train_text_tokenizer(dataset_texts(records), t.text_vocab_size)
+    builder = SequenceBuilder(Vocab(tok.vocab_size, t.num_codebooks, t.codebook_size), tok)
+    longest = sorted(records, key=lambda r: len(tok.encode(r["caption"])))[-2:]
+    codes = torch.zeros(t.num_positions, t.num_codebooks, dtype=torch.long)
+    blocks = sum(len(seg.ids) for seg in builder.interleaved([(codes, r["caption"]) for r in longest]))
+    assert blocks <= cfg.llm.max_blocks, f"{blocks} blocks > llm.max_blocks {cfg.llm.max_blocks}"

@@ -18,7 +18,8 @@ class LLMConfig:
     # Local folder with pretrained Qwen3 weights; empty = random init from this config.
     pretrained: str = ""
     # Longest training sequence in blocks (one per text token, one per image position); longer ones are cut.
-    max_blocks: int = 128
+    # An interleaved sequence holds two images (2 x 64 positions at tiny) and their captions: 150-210 blocks.
+    max_blocks: int = 256
     # "transformer" (the report's Block Decoder) | "parallel" (N+1 independent heads, the ablation).
     block_decoder: Literal["transformer", "parallel"] = "transformer"
     bd_hidden_size: int = 64
