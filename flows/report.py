@@ -34,11 +34,15 @@ def stage_rows(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def metric_rows(metrics: dict[str, Any], thresholds: dict[str, float]) -> list[dict[str, Any]]:
+    """One row per metric and per gated metric: a gated one the evaluation could not measure (no questions in
+    the data, say) is a row that fails, as it fails the gate."""
     rows = []
-    for name, value in sorted(metrics.items()):
-        threshold = thresholds.get(name)
-        rows.append({"metric": name, "value": value, "threshold": "" if threshold is None else threshold,
-                     "passes": "" if threshold is None else ("yes" if value >= threshold else "NO")})
+    for name in sorted(set(metrics) | set(thresholds)):
+        value, threshold = metrics.get(name), thresholds.get(name)
+        measured = isinstance(value, (int, float)) and value == value
+        passes = "" if threshold is None else ("yes" if measured and value >= threshold else "NO")
+        rows.append({"metric": name, "value": value if measured else "missing",
+                     "threshold": "" if threshold is None else threshold, "passes": passes})
     return rows
 
 

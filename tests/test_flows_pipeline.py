@@ -343,3 +343,13 @@ def test_the_champion_check_counts_an_unmeasurable_gated_metric_as_a_regression(
     assert regressions({"vqa_accuracy": 0.8}, then, gated, 0.02) == [
         "geneval_overall: 0.5000 when registered -> not measured now"]
     assert regressions({}, {"vqa_accuracy": 0.8}, {"recon_psnr": 18.0}, 0.02) == []  # ungated: not checked
+
+
+def test_the_metrics_table_shows_a_gated_metric_the_evaluation_could_not_measure():
+    from flows.report import metric_rows
+
+    rows = {r["metric"]: r for r in metric_rows({"geneval_overall": 0.9, "recon_psnr": 20.0, "recon_ssim": float("nan")},
+                                                {"geneval_overall": 0.6, "vqa_accuracy": 0.7})}
+    assert rows["geneval_overall"]["passes"] == "yes" and rows["recon_psnr"]["passes"] == ""
+    assert rows["vqa_accuracy"] == {"metric": "vqa_accuracy", "value": "missing", "threshold": 0.7, "passes": "NO"}
+    assert rows["recon_ssim"]["value"] == "missing"
