@@ -128,6 +128,8 @@ def test_image_size_and_bad_settings(tmp_path):
         generate(tmp_path / "x", DataConfig(holdout_combinations=["pink blob"]))
     with pytest.raises(ValueError, match="max_objects"):
         generate(tmp_path / "x", DataConfig(max_objects=len(SHAPES) + 1))
+    with pytest.raises(ValueError, match="image_size must be at least 48, got 32; generate at 64"):
+        generate(tmp_path / "x", DataConfig(image_size=32))  # objects would touch: captions would lie
     with pytest.raises(FileExistsError):
         generate(root, DataConfig(num_train=1, num_val=1, num_test=1))
     generate(root, DataConfig(num_train=1, num_val=1, num_test=1), overwrite=True)
