@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import os
 import struct
 import zlib
@@ -81,6 +82,8 @@ def messy(tmp_path):
         e("img/missing.png"),
         json.dumps({"image": "img/good.png", "caption": "fine caption", "qa": [{"q": "x", "a": ""}]}),
         e("img/good.png", split="dev", key="good-dev"),
+        '{"image": "img/good.png", "caption": "big", "n": ' + "9" * 5000 + "}",  # over Python's int-digit limit
+        "[" * 100_000,  # nested past the recursion limit
     ]
     (src / "captions.jsonl").write_text("\n".join(lines) + "\n")
     return src
@@ -103,6 +106,8 @@ EXPECTED_REASONS = {
     20: "image file not found",
     21: "qa[0] must have non-empty",
     22: "split 'dev'",
+    23: "line 23 is not JSON this importer can read (ValueError)",
+    24: "line 24 is not JSON this importer can read (RecursionError)",
 }
 
 
@@ -117,10 +122,19 @@ def test_every_bad_entry_is_quarantined_with_its_reason(messy, tmp_path):
         assert needle in got[line], (line, got[line])
     # Nothing lost: every non-blank input line is either a record or a quarantine entry, raw input kept.
     records = list(iter_records(out))
-    assert len(records) + len(quarantine) == 21 == report.imported + len(report.quarantined)
+    assert len(records) + len(quarantine) == 23 == report.imported + len(report.quarantined)
     assert next(q for q in quarantine if q["line"] == 18)["raw"] == "{this is not json"
     assert next(q for q in quarantine if q["line"] == 12)["entry"]["caption"] == "x" * 5000
     assert "line 18" in report.summary()
+
+
+def test_a_captions_file_saved_with_a_bom_keeps_its_first_record(messy, tmp_path):
+    src = tmp_path / "bom"
+    shutil.copytree(messy, src, symlinks=True)
+    first = (messy / "captions.jsonl").read_text().splitlines()[0]
+    (src / "captions.jsonl").write_bytes("\ufeff".encode() + (first + "\n").encode())
+    report = import_folder(src, tmp_path / "out")
+    assert report.imported == 1 and not report.quarantined
 
 
 def test_converted_images_are_rgb_pngs_with_their_source_mode(messy, tmp_path):
@@ -180,10 +194,10 @@ def test_dirty_import_fails_validation_and_cli(messy, tmp_path, capsys):
 
     out = tmp_path / "cli-out"
     assert main(["data", "import", str(messy), "--out", str(out)]) == 0
-    assert "quarantined 16" in capsys.readouterr().out
-    # 16 of 21 entries were bad: far over max_bad_fraction, so the dataset fails even though the manifest is clean.
+    assert "quarantined 18" in capsys.readouterr().out
+    # 18 of 23 entries were bad: far over max_bad_fraction, so the dataset fails even though the manifest is clean.
     report = validate(out, DataConfig(split_tolerance=1.0))
-    assert not report.passed and report.previously_quarantined == 16 and not report.bad
+    assert not report.passed and report.previously_quarantined == 18 and not report.bad
     assert main(["data", "import", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "not a folder" in capsys.readouterr().err
     assert len((out / MANIFEST).read_text().splitlines()) == 5

@@ -143,11 +143,14 @@ def import_folder(src: str | Path, out: str | Path, image_size: int | None = Non
             entry: dict = {}
             try:
                 try:
-                    entry = json.loads(raw.decode("utf-8"))
+                    # utf-8-sig: editors that save "UTF-8 with BOM" put one before the first line.
+                    entry = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
                 except UnicodeDecodeError as exc:
                     raise _Bad(f"line {lineno} is not UTF-8 text") from exc
                 except json.JSONDecodeError as exc:
                     raise _Bad(f"line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})") from exc
+                except (ValueError, RecursionError) as exc:  # a 5,000-digit number, "[" nested 100,000 deep
+                    raise _Bad(f"line {lineno} is not JSON this importer can read ({type(exc).__name__})") from exc
                 if not isinstance(entry, dict):
                     raise _Bad(f"line {lineno} is a JSON {type(entry).__name__}, not an object")
                 records.append(_import_entry(src, tmp, entry, lineno, cfg, image_size, seen, sizes, report))
