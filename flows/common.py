@@ -153,7 +153,7 @@ def stage_task(name: str, ctx: Context, parent_run_id: str) -> dict[str, Any]:
     """Run one stage unless its outputs for this key exist; every attempt logs into the stage's MLflow run."""
     from kelix.config import config_hash as chash
     from kelix.stages import config_view, get_stage
-    from kelix.tracking import TAG_SKIPPED, TAG_SOURCE_RUN
+    from kelix.tracking import TAG_ERROR, TAG_SKIPPED, TAG_SOURCE_RUN
 
     log = get_run_logger()
     key = ctx.keys[name]
@@ -177,7 +177,7 @@ def stage_task(name: str, ctx: Context, parent_run_id: str) -> dict[str, Any]:
     try:
         result = ctx.runner.run(name, ctx.cfg, ctx.data_dir, ctx.artifacts, force=force, tracking=run)
     except BaseException as exc:
-        run.set_tags({"kelix.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        run.set_tags({TAG_ERROR: f"{type(exc).__name__}: {exc}"[:5000]})
         run.finish("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
         retry = " - transient, will retry if attempts remain" if is_transient(exc) else ""
         log.error("%-12s [%s] failed after %.1fs: %s: %s%s", name, key, time.perf_counter() - t0,

@@ -37,6 +37,7 @@ ENV_EXPERIMENT_ID = "MLFLOW_EXPERIMENT_ID"
 
 TAG_STAGE, TAG_KEY, TAG_SKIPPED = "kelix.stage", "kelix.stage_key", "kelix.skipped"
 TAG_SOURCE_RUN, TAG_CHILD_LOGGED, TAG_ATTEMPTS = "kelix.source_run_id", "kelix.child_logged", "kelix.attempts"
+TAG_ERROR = "kelix.error"
 
 
 def repo_root() -> Path:
@@ -159,6 +160,11 @@ class Tracker:
             run = found[0]
             attempts = int(run.data.tags.get(TAG_ATTEMPTS, "1")) + 1
             self.client.set_tag(run.info.run_id, TAG_ATTEMPTS, str(attempts))
+            # This attempt's tags replace the last one's (kelix.skipped may differ); its error is history now.
+            for tag, value in tags.items():
+                self.client.set_tag(run.info.run_id, tag, value)
+            if TAG_ERROR in run.data.tags:
+                self.client.delete_tag(run.info.run_id, TAG_ERROR)
             self.client.update_run(run.info.run_id, status="RUNNING")
             return StageRun(run.info.run_id, parent_run_id, self.uri, self.experiment_id, self)
         run = self.client.create_run(

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import os
+import shutil
 import struct
 import zlib
 

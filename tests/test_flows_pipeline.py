@@ -228,6 +228,7 @@ def test_transient_failure_is_retried_and_resumes_from_its_checkpoint(prefect_ap
 
     run = MlflowClient().get_run(result["stages"]["tokenizer-2"]["mlflow_run_id"])
     assert run.data.tags["kelix.attempts"] == "2" and run.info.status == "FINISHED"
+    assert "kelix.error" not in run.data.tags  # the failed attempt's error is not the finished run's
 
 
 def test_bad_config_in_a_stage_fails_fast_without_retry(prefect_api, catalogue, workspace):
