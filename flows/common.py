@@ -42,7 +42,7 @@ class RunSettings(BaseModel):
     runner_options: dict[str, Any] = Field(default_factory=dict, description="runner constructor options")
     data: str | None = Field(None, description="dataset folder (default: data.root of the config)")
     artifacts: str | None = Field(None, description="artifact store URI (default: $KELIX_ARTIFACTS or runtime.artifacts)")
-    force: list[str] = Field(default_factory=list, description="stages to rerun even if finished ('all' for every one)")
+    force: list[str] = Field(default_factory=list, description="stages to rerun even if finished, with the stages built on them ('all' for every one)")
     retries: int = Field(2, ge=0, description="retries of a stage after a transient failure")
     retry_delay: float = Field(10.0, ge=0, description="first retry delay in seconds; doubles each retry")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
@@ -92,7 +92,12 @@ class Context:
         return data_version(self.data_dir)
 
     def forced(self, name: str) -> bool:
-        return name in self.settings.force or "all" in self.settings.force
+        """Whether to rerun `name`: forced itself, or downstream of a forced stage (keys do not change when a
+        stage is retrained under the same key, so its consumers would keep outputs built on the old one)."""
+        from kelix.stages import downstream
+
+        force = self.settings.force
+        return name in force or "all" in force or any(name in downstream(f) for f in force)
 
     def lineage_tags(self) -> dict[str, str]:
         from kelix.stages import data_fingerprint

@@ -354,3 +354,12 @@ def test_the_metrics_table_shows_a_gated_metric_the_evaluation_could_not_measure
     assert rows["geneval_overall"]["passes"] == "yes" and rows["recon_psnr"]["passes"] == ""
     assert rows["vqa_accuracy"] == {"metric": "vqa_accuracy", "value": "missing", "threshold": 0.7, "passes": "NO"}
     assert rows["recon_ssim"]["value"] == "missing"
+
+
+def test_forcing_a_stage_reruns_what_is_built_on_it(tmp_path):
+    from flows.common import Context, RunSettings
+
+    ctx = Context(RunSettings(force=["dit-1"], artifacts=str(tmp_path / "a"), data=str(tmp_path / "d")))
+    assert [n for n in stages.STAGES if ctx.forced(n)] == ["dit-1", "dit-2", "eval"]
+    ctx = Context(RunSettings(force=["eval"], artifacts=str(tmp_path / "a"), data=str(tmp_path / "d")))
+    assert [n for n in stages.STAGES if ctx.forced(n)] == ["eval"]
