@@ -217,4 +217,12 @@ def run_stages(ctx: Context, names: list[str], parent_run_id: str) -> dict[str, 
         retry_jitter_factor=0.2 if ctx.settings.retry_delay > 0 else None,
         retry_condition_fn=retry_if_transient,
     )
-    return {name: runnable(name, ctx, parent_run_id) for name in names}
+    done: dict[str, dict[str, Any]] = {}
+    try:
+        for name in names:
+            done[name] = runnable(name, ctx, parent_run_id)
+    except BaseException as exc:
+        # The stages that finished before the failure travel with it, so the run's stage table still shows them.
+        exc.kelix_stages = {**getattr(exc, "kelix_stages", {}), **done}
+        raise
+    return done

@@ -69,6 +69,9 @@ def kelix_pipeline(
             summary["grid"] = evaluated.get("grid")
             if release:
                 summary["release"] = promote(child)
+        except BaseException as exc:
+            stages.update(getattr(exc, "kelix_stages", {}))  # a failed phase's finished stages
+            raise
         finally:
             publish_stages(stages)
     summary["seconds"] = time.perf_counter() - t0

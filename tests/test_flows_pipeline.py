@@ -232,11 +232,14 @@ def test_transient_failure_is_retried_and_resumes_from_its_checkpoint(prefect_ap
 
 
 def test_bad_config_in_a_stage_fails_fast_without_retry(prefect_api, catalogue, workspace):
-    STATE["fail"]["llm-1"] = [ConfigError("llm.hidden_size must divide by heads"), ConfigError("again")]
+    STATE["fail"]["llm-2"] = [ConfigError("llm.hidden_size must divide by heads"), ConfigError("again")]
     with pytest.raises(ConfigError, match="hidden_size"):
         _run(workspace, release=False, retries=3)
-    assert STATE["calls"].count("llm-1") == 1
-    assert "llm-2" not in STATE["calls"]
+    assert STATE["calls"].count("llm-2") == 1
+    assert "llm-3" not in STATE["calls"]
+    # The stage table still shows what finished before the failure, in the failed phase too (llm-1).
+    shown = [row["stage"] for row in json.loads(_artifact("kelix-stages").data)]
+    assert shown == ["tokenizer-1", "tokenizer-2", "tokenizer-3", "llm-1"]
 
 
 def test_dataset_failing_validation_stops_before_training(prefect_api, catalogue, workspace):
