@@ -84,10 +84,33 @@ def dvc_md5(data_dir: str | Path, dvc_file: str | Path | None = None) -> str | N
 
 
 def data_version(data_dir: str | Path) -> str:
-    """The dataset's version for lineage: the DVC md5 when data.dvc tracks it, else its content hash."""
+    """The dataset's version for lineage: the DVC md5 when data.dvc tracks it and the folder still holds what
+    data.dvc recorded, else its content hash.
+
+    data.dvc keeps its md5 when the folder is regenerated (another seed) or rewritten by validation, until the
+    next `dvc commit`; recording that md5 would name data the run never read. The check compares the file count
+    and total size data.dvc records (a stat walk, no hashing); a change that keeps both is not caught."""
     from kelix.stages import data_fingerprint
 
-    return dvc_md5(data_dir) or f"content:{data_fingerprint(data_dir)}"
+    md5 = dvc_md5(data_dir)
+    return md5 if md5 and _matches_dvc_record(data_dir) else f"content:{data_fingerprint(data_dir)}"
+
+
+def _matches_dvc_record(data_dir: str | Path, dvc_file: str | Path | None = None) -> bool:
+    dvc_file = Path(dvc_file) if dvc_file else repo_root() / "data.dvc"
+    try:
+        meta = yaml.safe_load(dvc_file.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    target = Path(data_dir).resolve()
+    for out in meta.get("outs", []) or []:
+        if (dvc_file.parent / out.get("path", "")).resolve() != target:
+            continue
+        if "nfiles" not in out or "size" not in out:
+            return True  # nothing recorded to compare with
+        files = [p for p in target.rglob("*") if p.is_file()]
+        return len(files) == out["nfiles"] and sum(p.stat().st_size for p in files) == out["size"]
+    return True  # tracked through a folder above it: its record covers more than this folder
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:

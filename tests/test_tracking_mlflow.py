@@ -100,6 +100,20 @@ def test_data_version_prefers_the_dvc_md5_of_the_tracked_folder(tmp_path):
     assert data_version(data).startswith("content:")  # the repo's data.dvc does not track a tmp folder
 
 
+def test_data_version_is_the_content_hash_when_the_folder_no_longer_holds_what_data_dvc_records(tmp_path, monkeypatch):
+    """data.dvc keeps its md5 when the folder is regenerated or rewritten, until the next `dvc commit`."""
+    import kelix.tracking as tracking
+
+    data = tmp_path / "data" / "shapes"
+    data.mkdir(parents=True)
+    (data / "manifest.jsonl").write_text('{"key": "a"}\n')
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123abcd.dir\n  size: 13\n  nfiles: 1\n  path: data/shapes\n")
+    monkeypatch.setattr(tracking, "repo_root", lambda: tmp_path)
+    assert data_version(data) == "0123abcd.dir"
+    (data / "manifest.jsonl").write_text('{"key": "b"}\n{"key": "c"}\n')  # regenerated, not committed
+    assert data_version(data).startswith("content:")
+
+
 def test_flatten_gives_dotted_short_params():
     flat = flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x" * 900})
     assert flat == {"a.b": "1", "a.c": "[1, 2]", "d": "x" * 500}
