@@ -66,8 +66,9 @@ def git_sha() -> str:
         return "unknown"
 
 
-def dvc_md5(data_dir: str | Path, dvc_file: str | Path | None = None) -> str | None:
-    """The md5 data.dvc records for `data_dir`, if a .dvc file tracks that folder (or a folder above it)."""
+def _dvc_out(data_dir: str | Path, dvc_file: str | Path | None = None) -> tuple[dict, bool] | None:
+    """(the .dvc file's output entry with an md5 that tracks `data_dir`, whether it is that folder itself rather
+    than a folder above it), or None."""
     dvc_file = Path(dvc_file) if dvc_file else repo_root() / "data.dvc"
     if not dvc_file.exists():
         return None
@@ -79,8 +80,14 @@ def dvc_md5(data_dir: str | Path, dvc_file: str | Path | None = None) -> str | N
     for out in meta.get("outs", []) or []:
         tracked = (dvc_file.parent / out.get("path", "")).resolve()
         if (target == tracked or tracked in target.parents) and out.get("md5"):
-            return str(out["md5"])
+            return out, target == tracked
     return None
+
+
+def dvc_md5(data_dir: str | Path, dvc_file: str | Path | None = None) -> str | None:
+    """The md5 data.dvc records for `data_dir`, if a .dvc file tracks that folder (or a folder above it)."""
+    found = _dvc_out(data_dir, dvc_file)
+    return str(found[0]["md5"]) if found else None
 
 
 def data_version(data_dir: str | Path) -> str:
@@ -89,28 +96,19 @@ def data_version(data_dir: str | Path) -> str:
 
     data.dvc keeps its md5 when the folder is regenerated (another seed) or rewritten by validation, until the
     next `dvc commit`; recording that md5 would name data the run never read. The check compares the file count
-    and total size data.dvc records (a stat walk, no hashing); a change that keeps both is not caught."""
+    and total size data.dvc records (a stat walk, no hashing); a change that keeps both is not caught. A folder
+    tracked through one above it is not checked: that record covers more than this folder."""
     from kelix.stages import data_fingerprint
 
-    md5 = dvc_md5(data_dir)
-    return md5 if md5 and _matches_dvc_record(data_dir) else f"content:{data_fingerprint(data_dir)}"
-
-
-def _matches_dvc_record(data_dir: str | Path, dvc_file: str | Path | None = None) -> bool:
-    dvc_file = Path(dvc_file) if dvc_file else repo_root() / "data.dvc"
-    try:
-        meta = yaml.safe_load(dvc_file.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return False
-    target = Path(data_dir).resolve()
-    for out in meta.get("outs", []) or []:
-        if (dvc_file.parent / out.get("path", "")).resolve() != target:
-            continue
-        if "nfiles" not in out or "size" not in out:
-            return True  # nothing recorded to compare with
-        files = [p for p in target.rglob("*") if p.is_file()]
-        return len(files) == out["nfiles"] and sum(p.stat().st_size for p in files) == out["size"]
-    return True  # tracked through a folder above it: its record covers more than this folder
+    found = _dvc_out(data_dir)
+    if found:
+        out, exact = found
+        if not exact or "nfiles" not in out or "size" not in out:
+            return str(out["md5"])
+        files = [p for p in Path(data_dir).resolve().rglob("*") if p.is_file()]
+        if len(files) == out["nfiles"] and sum(p.stat().st_size for p in files) == out["size"]:
+            return str(out["md5"])
+    return f"content:{data_fingerprint(data_dir)}"
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
