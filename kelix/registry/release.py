@@ -25,7 +25,7 @@ from pathlib import Path
 from kelix.config import KelixConfig
 from kelix.registry.lineage import complete_lineage, read_lineage, read_metrics, version_tags
 from kelix.registry.store import (
-    MODEL_EXPERIMENT, REGISTRY_EXPERIMENT, RegistryConflict, RegistryError, configure, ensure_experiment,
+    MODEL_EXPERIMENT, NOT_FOUND_CODES, REGISTRY_EXPERIMENT, RegistryConflict, RegistryError, configure, ensure_experiment,
     lock_path, registry_lock, tracking_uri,
 )
 
@@ -109,7 +109,7 @@ def _alias(client, name: str, alias: str) -> str | None:
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException as exc:
-        if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+        if exc.error_code in NOT_FOUND_CODES:
             return None
         raise RegistryError(f"could not read alias {alias!r} of model {name!r} from the registry ({exc}): check the "
                             "tracking server, then `kelix registry status` before retrying") from exc

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from kelix.bundle import BundleError, KelixBundle, check_bundle
-from kelix.registry.store import RegistryError, configure, tracking_uri
+from kelix.registry.store import NOT_FOUND_CODES, RegistryError, configure, tracking_uri
 
 DEFAULT_MODEL = "models:/kelix@champion"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -41,7 +41,7 @@ def resolve_version(uri: str) -> tuple[str, str]:
     try:
         return name, str(configure().get_model_version_by_alias(name, alias).version)
     except MlflowException as exc:
-        if exc.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+        if exc.error_code not in NOT_FOUND_CODES:
             raise RegistryError(f"could not read alias {alias!r} of {name!r} from {tracking_uri()} ({exc}): check the "
                                 "tracking server and retry") from exc
         raise RegistryError(f"no version of {name!r} has alias {alias!r} in {tracking_uri()}: register and promote "

@@ -30,6 +30,10 @@ REGISTRY_EXPERIMENT = "kelix-registry"
 MODEL_EXPERIMENT = "kelix"
 
 
+# MLflow's answers to "no such alias" and "no such model": the only read failures that mean "nobody holds it".
+NOT_FOUND_CODES = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
+
+
 class RegistryError(RuntimeError):
     """A registry operation that cannot proceed; the message says why and what to do."""
 
