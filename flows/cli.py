@@ -19,7 +19,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifacts", default=None,
                         help="artifact store: a folder or s3://bucket/prefix (default: $KELIX_ARTIFACTS or runtime.artifacts)")
     parser.add_argument("--force", action="append", default=[], metavar="STAGE",
-                        help="rerun this stage and the stages built on it, even if finished "
+                        help="start this stage over and rerun the stages built on it, even if finished "
                              "(repeatable; 'all' for every stage)")
     parser.add_argument("--no-release", action="store_true", help="stop after evaluation: no register, gate, promote")
     parser.add_argument("--retries", type=int, default=2, help="retries of a stage after a transient failure")

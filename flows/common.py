@@ -43,7 +43,7 @@ class RunSettings(BaseModel):
     data: str | None = Field(None, description="dataset folder (default: data.root of the config)")
     artifacts: str | None = Field(None, description="artifact store URI (default: $KELIX_ARTIFACTS or runtime.artifacts)")
     force: list[str] = Field(default_factory=list,
-                             description="stages to rerun even if finished, with the stages built on them ('all': every one)")
+                             description="stages to start over even if finished, with the stages built on them ('all': every one)")
     retries: int = Field(2, ge=0, description="retries of a stage after a transient failure")
     retry_delay: float = Field(10.0, ge=0, description="first retry delay in seconds; doubles each retry")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")

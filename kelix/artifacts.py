@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 import fsspec
 
-from kelix.files import replace_atomically
+from kelix.files import is_temporary, replace_atomically
 
 STATUS_FILE = "_STATUS.json"
 SUCCESS, FAILED, RUNNING = "SUCCESS", "FAILED", "RUNNING"
@@ -72,6 +73,24 @@ class ArtifactStore:
         if self.remote:
             self.fs.pipe_file(f"{self._remote_path(stage, key)}/{STATUS_FILE}", json.dumps(record, indent=1).encode())
 
+    def clear(self, stage: str, key: str) -> None:
+        """Delete a stage's outputs, checkpoints included, leaving only its status marker (for a forced rerun).
+
+        The caller marks the stage RUNNING first, so no reader takes the half-deleted folder as finished."""
+        local = self.local_dir(stage, key)
+        for path in sorted(local.iterdir()) if local.exists() else []:
+            if path.name == STATUS_FILE:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        if self.remote:
+            remote = self._remote_path(stage, key)
+            for path in self.fs.find(remote):
+                if path[len(remote) + 1:] != STATUS_FILE:
+                    self.fs.rm_file(path)
+
     def pull(self, stage: str, key: str) -> Path:
         """Make a stage's outputs available locally (a no-op for a local store).
 
@@ -93,13 +112,20 @@ class ArtifactStore:
         files = sorted(self.fs.find(remote))
         if not files:
             raise FileNotFoundError(f"{self.uri} has no outputs for {stage}/{key}: run the stage first")
+        wanted = set()
         for path in files:
             rel = path[len(remote) + 1:]  # find() answers in the same protocol-less form as the root
             if rel == STATUS_FILE:
                 continue
             dest = local / rel
+            wanted.add(dest)
             dest.parent.mkdir(parents=True, exist_ok=True)
             replace_atomically(dest, lambda tmp, src=path: self.fs.get_file(src, str(tmp)))
+        # Files of an earlier run that the store no longer holds (a forced rerun wrote fewer) would otherwise sit
+        # beside the new outputs. Another process's download in flight (a temporary name) is left alone.
+        for path in [p for p in local.rglob("*") if p.is_file()]:
+            if path not in wanted and path.name != STATUS_FILE and not is_temporary(path):
+                path.unlink(missing_ok=True)
         if status is not None:
             replace_atomically(marker, lambda tmp: tmp.write_bytes(status))
         return local
@@ -142,8 +168,6 @@ class ArtifactStore:
                 if path.is_file() and path.name != STATUS_FILE:
                     self.fs.put_file(str(path), f"{self._remote_path(stage, key)}/{path.relative_to(src).as_posix()}")
         elif src.resolve() != self.local_dir(stage, key):
-            import shutil
-
             shutil.copytree(src, self.local_dir(stage, key), dirs_exist_ok=True)
         self.mark(stage, key, SUCCESS, **info)
 

@@ -243,9 +243,18 @@ def run_stage(
             )
         inputs[dep] = store.pull(dep, keys[dep])
 
+    # Forcing a finished stage starts it over: its checkpoints would otherwise resume it at its last step and
+    # redo nothing (keys hash config and data, not code, so a force usually follows a code change). A forced
+    # try that crashed is not finished, so the next one resumes it instead of starting over again. Every rank
+    # decides before the main process changes the store, and none reads a checkpoint before it is cleared.
+    restart = force and store.is_done(name, key)
+    distributed.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
     if main:
         store.mark(name, key, RUNNING, inputs={d: keys[d] for d in stage.inputs})
+        if restart:
+            store.clear(name, key)
+    distributed.barrier()
     ctx = StageContext(
         name=name, cfg=cfg, data_dir=data_dir, inputs=inputs, out_dir=out_dir,
         device=resolve_device(cfg.runtime.device), key=key,
@@ -338,7 +347,8 @@ def _add_commands(sub) -> None:
     add_config_args(run)
     run.add_argument("--data", default=None, help="dataset folder (default: data.root of the config)")
     run.add_argument("--artifacts", default=None, help="artifact store URI (default: $KELIX_ARTIFACTS or runtime.artifacts)")
-    run.add_argument("--force", action="store_true", help="rerun even if finished outputs exist")
+    run.add_argument("--force", action="store_true",
+                     help="start a finished stage over (its outputs and checkpoints are deleted); an unfinished one resumes")
     run.set_defaults(func=_cmd_run)
     lst = sub.add_parser("list", help="list the stages and what they read")
     lst.set_defaults(func=_cmd_list)

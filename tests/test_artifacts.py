@@ -89,6 +89,41 @@ def test_a_rerun_in_the_store_replaces_the_mirrors_copy(stores):
     assert (reader.pull("llm-1", "k1") / "metrics.json").read_text() == '{"loss": 0.25}'
 
 
+def test_a_forced_rerun_clears_the_store_and_the_mirrors_drop_what_it_no_longer_holds(stores):
+    """A forced rerun that writes fewer files (say, no preview any more) must not leave the earlier run's extra
+    files in the store or in a reader's mirror, where they sit beside the new outputs as if they were theirs."""
+    writer, reader = stores
+    local = writer.local_dir("llm-1", "k1")
+    (local / "checkpoints" / "step_0000010").mkdir(parents=True)
+    (local / "checkpoints" / "step_0000010" / "state.pt").write_bytes(b"c")
+    first = reader.pull("llm-1", "k1")
+    in_flight = first / "model" / "other.bin.tmp-7-abc"  # another process's download, not yet renamed
+    in_flight.write_bytes(b"partial")
+
+    writer.mark("llm-1", "k1", "RUNNING")
+    writer.clear("llm-1", "k1")
+    assert sorted(p.name for p in local.rglob("*")) == [STATUS_FILE]
+    assert sorted(writer.fs.find(f"{writer.root}/llm-1/k1")) == [f"{writer.root}/llm-1/k1/{STATUS_FILE}"]
+
+    (local / "metrics.json").write_text('{"loss": 0.25}')
+    writer.push("llm-1", "k1")
+    writer.mark("llm-1", "k1", SUCCESS, note="forced rerun")
+    second = reader.pull("llm-1", "k1")
+    assert sorted(p.name for p in second.rglob("*") if p.is_file()) == sorted([STATUS_FILE, in_flight.name, "metrics.json"])
+    assert (second / "metrics.json").read_text() == '{"loss": 0.25}'
+
+
+def test_clearing_a_local_store_keeps_only_the_marker(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    local = store.local_dir("dit-1", "k")
+    (local / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (local / "model.safetensors").write_bytes(b"w")
+    store.mark("dit-1", "k", "RUNNING")
+    store.clear("dit-1", "k")
+    assert [p.name for p in local.iterdir()] == [STATUS_FILE]
+    assert store.status("dit-1", "k")["status"] == "RUNNING"
+
+
 def test_pulling_what_the_store_does_not_hold_says_so(stores):
     _, reader = stores
     with pytest.raises(FileNotFoundError, match="has no outputs for llm-2/nope: run the stage first"):

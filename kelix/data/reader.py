@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from kelix.data.format import MANIFEST, QUARANTINE, SPLITS, DatasetError, iter_manifest_lines, quarantined_keys, resolve_inside
 from kelix.data.images import to_rgb
-from kelix.files import replace_atomically
+from kelix.files import is_temporary, replace_atomically
 
 
 def iter_records(root: str | Path, split: str | None = None) -> Iterator[dict]:
@@ -156,7 +156,7 @@ def load_images(root: str | Path, split: str, image_size: int | None = None,
     try:
         cache.mkdir(parents=True, exist_ok=True)
         for old in cache.glob(f"{split}-*"):
-            if fp not in old.name and ".tmp-" not in old.name:  # another process's write in flight is its own
+            if fp not in old.name and not is_temporary(old):  # another process's write in flight is its own
                 old.unlink(missing_ok=True)  # stale decodes of an earlier dataset state: derived data, safe to drop
         # Per-process temporary names and renames: torchrun ranks fill the same cache at once, and one that
         # finds both files must find them whole (keys first, so the array's presence implies the keys').

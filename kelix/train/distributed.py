@@ -150,7 +150,7 @@ def save_dcp(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch
     if is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"), no_dist=current() is None)
     if is_main_process():
@@ -162,7 +162,7 @@ def save_dcp(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: torch
             shutil.rmtree(final)
         os.replace(tmp, final)
         prune_checkpoints(ckpt_dir, step, keep)
-    _barrier()
+    barrier()
     return final
 
 
@@ -175,7 +175,8 @@ def load_dcp(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimize
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
     if current() is not None:
         dist.barrier()
 

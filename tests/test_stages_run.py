@@ -1,0 +1,30 @@
+"""`kelix.stages.run_stage` on a real training stage: skip when finished, start over when forced, and resume a
+forced try that crashed instead of starting it over again."""
+from __future__ import annotations
+
+from small_config import SMALL
+
+from kelix.artifacts import FAILED, ArtifactStore
+
+
+def test_forcing_a_finished_stage_trains_it_again_and_a_crashed_forced_try_resumes(tmp_path, tiny_dataset):
+    from kelix.config import load_config
+    from kelix.stages import run_stage
+
+    cfg = load_config("tiny", overrides=[*SMALL, "tokenizer.train1.num_steps=4"])
+    store = str(tmp_path / "store")
+    first = run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
+    assert not first.skipped and first.metrics["resumed_from_step"] == 0
+    assert run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False).skipped
+
+    # Keys hash config and data, not code: a force (after a code fix) must train again, not resume the finished
+    # run's last checkpoint and redo nothing.
+    forced = run_stage("tokenizer-1", cfg, tiny_dataset, store, force=True, progress=False)
+    assert not forced.skipped and forced.metrics["resumed_from_step"] == 0
+    assert forced.metrics["codebook_loss"] == first.metrics["codebook_loss"]  # the same seeded run, redone
+    assert sorted(p.name for p in (forced.out_dir / "checkpoints").iterdir())[-1] == "step_0000004"
+
+    # A forced try that crashed after its last checkpoint is not finished: forcing again resumes it.
+    ArtifactStore(store).mark("tokenizer-1", forced.key, FAILED, error="killed")
+    again = run_stage("tokenizer-1", cfg, tiny_dataset, store, force=True, progress=False)
+    assert not again.skipped and again.metrics["resumed_from_step"] == 4
