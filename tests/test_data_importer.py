@@ -175,6 +175,25 @@ def test_split_and_key_assignment_is_deterministic(tmp_path):
     assert validate(tmp_path / "a", DataConfig(split_tolerance=0.1)).passed
 
 
+def test_images_no_captions_line_names_are_counted_and_shown(tmp_path):
+    """A folder with more images than caption lines imports what is named; the rest is said, not silently lost."""
+    src = tmp_path / "src"
+    (src / "more").mkdir(parents=True)
+    for name in ("a.png", "b.png", "more/c.jpg", "more/d.PNG"):
+        Image.new("RGB", (20, 20), (200, 30, 30)).save(src / name, format="PNG")
+    (src / "notes.txt").write_text("not an image")
+    (src / "captions.jsonl").write_text("\n".join([
+        json.dumps({"image": "a.png", "caption": "a red square"}),
+        json.dumps({"image": "./more/c.jpg", "caption": ""}),  # quarantined, but named: not "unreferenced"
+    ]))
+    report = import_folder(src, tmp_path / "out")
+    assert report.imported == 1 and len(report.quarantined) == 1
+    assert report.unreferenced == ["b.png", "more/d.PNG"]
+    assert "2 images in the source are named by no line of captions.jsonl and were not imported: b.png, more/d.PNG" \
+        in report.summary()
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text())["generator"]["unreferenced"] == 2
+
+
 def test_whole_input_problems_are_clear_errors(tmp_path):
     with pytest.raises(DatasetError, match="not a folder"):
         import_folder(tmp_path / "nope", tmp_path / "out")

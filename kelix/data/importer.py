@@ -26,6 +26,7 @@ from kelix.data.format import (FORMAT_VERSION, MANIFEST, QUARANTINE, SPLITS, Dat
 from kelix.data.images import to_rgb
 
 CAPTIONS = "captions.jsonl"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -39,6 +40,8 @@ class ImportReport:
     imported: int = 0
     quarantined: list[dict] = field(default_factory=list)  # {"line", "reason", "entry" or "raw"}
     converted: dict[str, str] = field(default_factory=dict)  # key -> source mode, for non-RGB inputs
+    # Image files under SRC that no line of captions.jsonl names: not imported, and not an error either.
+    unreferenced: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f"imported {self.imported} records into {self.out}, quarantined {len(self.quarantined)}"]
@@ -49,6 +52,10 @@ class ImportReport:
             lines.append(f"  line {q['line']}: {q['reason']}")
         if len(self.quarantined) > 20:
             lines.append(f"  ... {len(self.quarantined) - 20} more in {self.out / QUARANTINE}")
+        if self.unreferenced:
+            shown = ", ".join(self.unreferenced[:5]) + (", ..." if len(self.unreferenced) > 5 else "")
+            lines.append(f"{len(self.unreferenced)} images in the source are named by no line of {CAPTIONS} and "
+                         f"were not imported: {shown}")
         return "\n".join(lines)
 
 
@@ -135,6 +142,7 @@ def import_folder(src: str | Path, out: str | Path, image_size: int | None = Non
     report = ImportReport(out=out)
     records: list[dict] = []
     seen: set[str] = set()
+    named: set[str] = set()  # every image path a line names, imported or not
     sizes: set[tuple[int, int]] = set()
     with open(captions, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -153,6 +161,8 @@ def import_folder(src: str | Path, out: str | Path, image_size: int | None = Non
                     raise _Bad(f"line {lineno} is not JSON this importer can read ({type(exc).__name__})") from exc
                 if not isinstance(entry, dict):
                     raise _Bad(f"line {lineno} is a JSON {type(entry).__name__}, not an object")
+                if isinstance(entry.get("image"), str):
+                    named.add(os.path.normpath(entry["image"]))
                 records.append(_import_entry(src, tmp, entry, lineno, cfg, image_size, seen, sizes, report))
             except (_Bad, DatasetError) as exc:
                 # No top-level "key": readers skip quarantined keys, and a rejected entry's key (say, a
@@ -166,19 +176,26 @@ def import_folder(src: str | Path, out: str | Path, image_size: int | None = Non
     write_jsonl_atomic(tmp / MANIFEST, records)
     write_jsonl_atomic(tmp / QUARANTINE, report.quarantined)
     report.imported = len(records)
+    report.unreferenced = _unreferenced_images(src, named)
     counts = split_counts(records)
     write_dataset_json(tmp, {
         "name": out.name, "format_version": FORMAT_VERSION,
         "image_size": image_size or _common_side(sizes),
         "counts": {s: counts.get(s, 0) for s in SPLITS},
         "generator": {"name": "kelix.data.importer", "source": src.name, "image_size": image_size,
-                      "quarantined": len(report.quarantined)},
+                      "quarantined": len(report.quarantined), "unreferenced": len(report.unreferenced)},
     })
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     return report
+
+
+def _unreferenced_images(src: Path, named: set[str]) -> list[str]:
+    """Image files under `src` (by extension) that no captions line names, sorted."""
+    found = (p.relative_to(src).as_posix() for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(rel for rel in found if os.path.normpath(rel) not in named)
 
 
 def _common_side(sizes: set[tuple[int, int]]) -> int | None:
