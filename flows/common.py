@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 from kelix.artifacts import ArtifactStore, store_uri
 from kelix.config import ConfigError, KelixConfig, config_hash, load_config
 from kelix.runners import get_runner, is_transient
+from kelix.train.metrics import MLFLOW_FAILED_RUNS
 
 
 # The MLflow run name of a whole pipeline run (phase flows run alone name theirs after the phase).
@@ -189,8 +190,8 @@ def stage_task(name: str, ctx: Context, parent_run_id: str) -> dict[str, Any]:
         log.error("%-12s [%s] failed after %.1fs: %s: %s%s", name, key, time.perf_counter() - t0,
                   type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", retry)
         raise
-    if ctx.runner.kind != "local" and not run.child_logged():
-        # The child could not log (older entry point, pod without MLflow access): replay its metrics file.
+    if run.run_id in MLFLOW_FAILED_RUNS or (ctx.runner.kind != "local" and not run.child_logged()):
+        # MLflow failed during the stage, here or in the child (or a pod could not reach it): replay the metrics file.
         text = ctx.store.read_text(name, key, "metrics.jsonl")
         if text:
             run.replay_jsonl(text)

@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import yaml
+
+from kelix.train.metrics import MLFLOW_FAILED_RUNS
 
 if TYPE_CHECKING:
     from kelix.config import KelixConfig
@@ -302,15 +305,38 @@ def stage_run_from_env() -> Iterator[Any]:
     if active is not None and active.info.run_id == run_id:
         yield active
         return
-    run = mlflow.start_run(run_id=run_id, nested=active is not None)
-    mlflow.set_tags({TAG_CHILD_LOGGED: "true", "kelix.host": socket.gethostname()})
+    try:
+        run = mlflow.start_run(run_id=run_id, nested=active is not None)
+        mlflow.set_tag("kelix.host", socket.gethostname())
+    except Exception as exc:  # noqa: BLE001 - MLflow unreachable from here: train anyway, the orchestrator replays
+        print(f"warning: cannot open MLflow run {run_id} ({type(exc).__name__}); the stage runs without it and "
+              "the orchestrator replays metrics.jsonl", file=sys.stderr)
+        yield None
+        return
     try:
         yield run
     except SystemExit as exc:
-        mlflow.end_run("FINISHED" if exc.code in (0, None) else "FAILED")
+        _end_run("FINISHED" if exc.code in (0, None) else "FAILED")
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        _end_run("FAILED")
         raise
     else:
-        mlflow.end_run("FINISHED")
+        # Tagged at the end, and only if every point got through: otherwise the orchestrator replays the file.
+        if run_id not in MLFLOW_FAILED_RUNS:
+            _quietly(lambda: mlflow.set_tag(TAG_CHILD_LOGGED, "true"))
+        _end_run("FINISHED")
+
+
+def _end_run(status: str) -> None:
+    import mlflow
+
+    _quietly(lambda: mlflow.end_run(status))
+
+
+def _quietly(call) -> None:
+    """A tracking call at the end of a child's stage: the outputs are saved, so a failure here is only a warning."""
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: MLflow call failed ({type(exc).__name__}: {exc})", file=sys.stderr)

@@ -117,3 +117,38 @@ def test_data_version_is_the_content_hash_when_the_folder_no_longer_holds_what_d
 def test_flatten_gives_dotted_short_params():
     flat = flatten({"a": {"b": 1, "c": [1, 2]}, "d": "x" * 900})
     assert flat == {"a.b": "1", "a.c": "[1, 2]", "d": "x" * 500}
+
+
+@pytest.mark.services
+def test_a_child_keeps_training_when_the_mlflow_server_goes_away(tmp_path, monkeypatch, capsys):
+    """The server dies mid-stage: training goes on, metrics.jsonl keeps every point, and the run is left untagged
+    so the orchestrator replays the file (a tracking outage used to abort training with an MlflowException)."""
+    import json
+
+    from mlflow import MlflowClient
+    from services import mlflow_server
+
+    from kelix.train.metrics import MetricLogger
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast here; production keeps its retries
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    logger = MetricLogger(tmp_path / "metrics.jsonl")
+    with mlflow_server(tmp_path) as url:
+        tracker = Tracker(url)
+        parent = tracker.start_pipeline(load_config("tiny"), run_name="p", tags={})
+        run = tracker.stage_run(parent, "llm-2", "k", {}, reuse=False)
+        for k, v in run.env().items():
+            monkeypatch.setenv(k, v)
+        context = stage_run_from_env()
+        context.__enter__()
+        logger.log({"loss": 2.0}, step=1)
+    # The server is gone (its SQLite file stays readable).
+    for step in (2, 3):
+        logger.log({"loss": 2.0 - 0.5 * step}, step=step)
+    context.__exit__(None, None, None)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    err = capsys.readouterr().err
+    assert err.count("MLflow stopped taking metrics at step 2") == 1 and "training goes on" in err
+    stored = MlflowClient(f"sqlite:///{tmp_path / 'mlflow-server.db'}")
+    assert [m.step for m in stored.get_metric_history(run.run_id, "loss")] == [1]
+    assert TAG_CHILD_LOGGED not in stored.get_run(run.run_id).data.tags  # so the orchestrator replays the file
