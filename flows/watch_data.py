@@ -1,7 +1,8 @@
 """Notice a new dataset version and announce it as a Prefect event that starts the pipeline.
 
-Runs hourly (prefect.yaml). It reads the md5 that data.dvc records (the worker's pull step checks out the
-latest commit, so a `dvc add && dvc push && git push` of new data shows up here), compares it with the data
+Runs hourly (prefect.yaml). It reads the md5 that data.dvc records in the checkout it runs in (prefect.yaml
+has no pull step: that checkout must be kept current, e.g. `git pull --ff-only` from cron, for a
+`dvc add && dvc push && git push` of new data to show up here), compares it with the data
 version of the last finished pipeline run in MLflow, and when they differ emits `kelix.data.changed`. The
 `kelix-pipeline/on-data-change` deployment has an event trigger on that event, so the server's automation
 starts the pipeline; anything else (CI after `dvc push`, `prefect event emit`) can emit it too.

@@ -118,6 +118,18 @@ def test_gate_failure_leaves_aliases_and_says_by_how_much(registry):
     assert configure().get_model_version(name, bad).tags["kelix.gate"] == "failed"
 
 
+def test_the_gate_refuses_thresholds_of_another_preset_than_the_versions(registry):
+    """A bare `kelix registry promote` gates with the tiny preset's thresholds: a small-preset version must not
+    pass them by accident."""
+    name = "m-preset"
+    version = add_version(registry, name, GOOD)
+    configure().set_model_version_tag(name, version, "lineage.preset", "small")
+    result = promote(version, cfg_for(name), "bare promote")
+    assert not result.promoted and aliases(name)[CHAMPION] is None
+    assert result.decision.failures == [f"version {version} was trained with the small preset but the gate has the "
+                                        "tiny preset's thresholds: pass --preset small (and the run's --params/--set)"]
+
+
 def test_regression_against_champion(registry):
     name = "m-regress"
     cfg = cfg_for(name)

@@ -209,6 +209,12 @@ def gate(version: str, cfg: KelixConfig, client=None) -> GateDecision:
     champ_metrics = read_metrics(_version(client, name, champion).tags) if champion and champion != str(version) else {}
     failures = check_gate(metrics, dict(cfg.eval.thresholds), cfg.eval.regression_tolerance, champ_metrics,
                           champion if champ_metrics else None)
+    trained = mv.tags.get("lineage.preset")
+    if trained and trained != cfg.preset:
+        # The thresholds are the config's: a small-preset version gated by the tiny defaults (a bare
+        # `kelix registry promote 3`) would pass far lower bars than the pipeline that made it.
+        failures.append(f"version {version} was trained with the {trained} preset but the gate has the {cfg.preset} "
+                        f"preset's thresholds: pass --preset {trained} (and the run's --params/--set)")
     if _rolled_back_since_promotion(mv.tags):
         failures.append(f"version {version} was rolled back at {mv.tags['kelix.rolled_back_at']} "
                         f"({mv.tags.get('kelix.rollback_reason', '')}); promote it with --force if that is intended")
