@@ -26,6 +26,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-delay", type=float, default=10.0, help="first retry delay (s), doubling")
     parser.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     parser.add_argument("--namespace", default=None, help="Kubernetes namespace (default: runtime.namespace)")
+    parser.add_argument("--schedule-timeout", type=float, default=None, metavar="SECONDS",
+                        help="kubernetes runner: fail a stage whose pods have not started after this long "
+                             "(default 1800; 0 waits forever, e.g. for a GPU pool that scales up from zero)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (in-process runner)")
 
 

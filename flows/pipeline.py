@@ -97,6 +97,8 @@ def run_from_args(args: Any) -> int:
     options: dict[str, Any] = {}
     if args.runner == "kubernetes" and args.namespace:
         options["namespace"] = args.namespace
+    if args.runner == "kubernetes" and args.schedule_timeout is not None:
+        options["schedule_timeout"] = args.schedule_timeout or None
     try:
         kelix_pipeline(preset=args.preset, params=args.params, overrides=args.overrides, runner=args.runner,
                        data=args.data, artifacts=args.artifacts, force=args.force, release=not args.no_release,

@@ -307,6 +307,18 @@ def test_cli_refuses_the_kubernetes_runner_with_a_local_store(capsys, tmp_path):
     assert "s3://" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("given, expected", [(["--schedule-timeout", "600"], 600.0),
+                                             (["--schedule-timeout", "0"], None), ([], "unset")])
+def test_cli_passes_the_schedule_timeout_to_the_kubernetes_runner(monkeypatch, given, expected):
+    import flows.pipeline
+    from kelix.cli import main
+
+    seen = {}
+    monkeypatch.setattr(flows.pipeline, "kelix_pipeline", lambda **kw: seen.update(kw["runner_options"]))
+    assert main(["pipeline", "run", "--runner", "kubernetes", "--artifacts", "s3://bucket/runs", *given]) == 0
+    assert seen.get("schedule_timeout", "unset") == expected
+
+
 def test_the_settings_mlflow_uri_is_the_registry_store_from_the_start(tmp_path, monkeypatch):
     """A flow that only registers or promotes never touches `ctx.tracker`: the registry must still use the
     store given in the settings, not the environment's."""

@@ -27,7 +27,7 @@ from kelix.artifacts import ArtifactStore
 from kelix.config import load_config
 from kelix.runners import (ImagePullError, StageConfigError, StageDeadlineExceeded, StageFailed, StageOOMKilled,
                            TransientStageError, is_transient)
-from kelix.runners.kubernetes import KubernetesRunner
+from kelix.runners.kubernetes import COMPLETION_INDEX, KubernetesRunner, StageStartTimeout
 from kelix.runners.manifests import DATA_STAGE, LABEL_JOB, PARAMS_ENV
 
 BUCKET = "kelix-test"
@@ -164,15 +164,28 @@ class Cluster:
             jobs = json.loads(self.batch.list_namespaced_job(self.namespace, _preload_content=False).data)["items"]
             live = [j for j in jobs if not (j.get("status") or {}).get("conditions")]
             if live:
-                return live[-1]
+                return self._with_uid(live[-1])
             time.sleep(0.1)
         raise AssertionError("the runner created no job")
 
-    def pod(self, job: dict, suffix: str, status: dict, log: str = "") -> str:
+    def _with_uid(self, job: dict) -> dict:
+        """The API server gives each Job a uid (kmock does not): its pods name it in their ownerReferences."""
+        if not job["metadata"].get("uid"):
+            job["metadata"]["uid"] = str(uuid.uuid4())
+            self.batch.patch_namespaced_job(job["metadata"]["name"], self.namespace,
+                                            {"metadata": {"uid": job["metadata"]["uid"]}})
+        return job
+
+    def pod(self, job: dict, suffix: str, status: dict, log: str = "", **meta) -> str:
+        """A pod of `job` as its controller makes it (owned by the Job's uid, created now); `meta` overrides."""
         name = f"{job['metadata']['name']}-{suffix}"
         labels = job["spec"]["template"]["metadata"]["labels"]
+        owner = {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
+                 "uid": job["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+        metadata = {"name": name, "namespace": self.namespace, "labels": labels, "ownerReferences": [owner],
+                    "creationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **meta}
         self.core.create_namespaced_pod(self.namespace, {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": self.namespace, "labels": labels},
+            "apiVersion": "v1", "kind": "Pod", "metadata": metadata,
             "spec": job["spec"]["template"]["spec"], "status": status})
         self.logs[name] = log
         return name
@@ -393,7 +406,8 @@ def test_multi_node_stage_gets_an_indexed_job_and_a_rendezvous_service(env, runn
             time.sleep(0.1)
         c.act_as_pod(job)
         for index in range(2):
-            c.pod(job, str(index), _terminated("Completed", 0), log=f"rank {index}: done\n")
+            c.pod(job, str(index), _terminated("Completed", 0), log=f"rank {index}: done\n",
+                  annotations={COMPLETION_INDEX: str(index)})
         c.conclude(job, ok=True)
         seen["name"] = name
 
@@ -616,3 +630,177 @@ def test_a_409_takes_only_a_live_object_this_job_owns(env):
     with pytest.raises(ApiException) as info:
         create(service("going", "uid-1"))  # being deleted: it will vanish under us
     assert info.value.status == 409
+
+
+# ---------------------------------------------------------------------------------------------- cancellation,
+# pods that never start, stuck deletions, replaced and foreign pods
+
+
+def _existing_job(env, runner: KubernetesRunner, *, uid: str, **meta) -> dict:
+    """The stage's Job as an earlier run left it (with a uid, as the API server gives), created directly."""
+    store = ArtifactStore(env["artifacts"])
+    fingerprint = stages.data_fingerprint(env["data"])
+    key = stages.stage_keys(env["cfg"], fingerprint, ["tokenizer-1"])["tokenizer-1"]
+    store.publish(DATA_STAGE, fingerprint, env["data"])
+    job = runner.manifests("tokenizer-1", env["cfg"], key, env["artifacts"], data_key=fingerprint)[0]
+    job["metadata"].update(uid=uid, **meta)
+    env["cluster"].batch.create_namespaced_job(env["namespace"], job)
+    return job
+
+
+def _gone(env, job: dict) -> bool:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        env["cluster"].batch.read_namespaced_job(job["metadata"]["name"], env["namespace"])
+    except ApiException as exc:
+        return exc.status == 404
+    return False
+
+
+def _termination_signal():
+    from prefect.exceptions import TerminationSignal
+
+    return TerminationSignal(15)
+
+
+@pytest.mark.parametrize("cancel", [KeyboardInterrupt, asyncio.CancelledError, _termination_signal],
+                         ids=["ctrl-c", "asyncio", "prefect"])
+def test_a_cancelled_run_deletes_its_job(env, runner_log, monkeypatch, cancel):
+    seen: dict = {}
+
+    def scenario(c: Cluster) -> None:  # the pod trains; the Job would run on after the run is cancelled
+        job = seen["job"] = c.job()
+        c.pod(job, "n1", _running(), log="step 1\n")
+
+    runner, polls = _runner(env), []
+
+    def sleep(seconds: float) -> None:  # the user cancels the run a few polls after the pod started
+        polls.append(seconds)
+        if len(polls) >= 3 and not env["cluster"].thread.is_alive():
+            raise cancel()
+        time.sleep(seconds)
+
+    monkeypatch.setattr(runner, "_sleep", sleep)
+    env["cluster"].play(scenario)
+    with pytest.raises(type(cancel())):
+        _run(env, runner)
+    env["cluster"].join()
+    assert _gone(env, seen["job"])
+    assert any(line.startswith("run cancelled: deleted job") for line in runner_log)
+
+
+def test_an_api_error_while_following_leaves_the_job_for_the_retry(env):
+    """Not a cancellation: the flow's retry attaches to the Job, which must still be there."""
+    import kmock
+    from kubernetes.client.exceptions import ApiException
+
+    seen: dict = {}
+
+    def scenario(c: Cluster) -> None:
+        seen["job"] = c.job()
+        _unavailable(env, kmock.action.LIST, "v1/pods", 100)
+
+    env["cluster"].play(scenario)
+    with pytest.raises(ApiException) as info:
+        _run(env, _runner(env, poll_interval=0.1))
+    env["cluster"].join()
+    assert info.value.status == 503 and not _gone(env, seen["job"])
+
+
+@pytest.mark.parametrize("status,why", [
+    ({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                          "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]},
+     r"\(Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.\)"),
+    ({"phase": "Pending", "containerStatuses": [{
+        "name": "stage", "image": "x", "ready": False, "restartCount": 0, "imageID": "",
+        "state": {"waiting": {"reason": "ContainerCreating"}}}]},
+     r"\(ContainerCreating\)"),
+    (None, "no pod of job .* was created within 1 s"),  # e.g. a ResourceQuota refuses the pod
+], ids=["unschedulable", "container-creating", "no-pod"])
+def test_a_pod_that_never_starts_fails_after_the_schedule_timeout(env, status, why):
+    seen: dict = {}
+
+    def scenario(c: Cluster) -> None:
+        job = seen["job"] = c.job()
+        if status is not None:
+            c.pod(job, "o1", status)
+
+    env["cluster"].play(scenario)
+    start = time.monotonic()
+    with pytest.raises(StageStartTimeout, match=why) as info:
+        _run(env, _runner(env, schedule_timeout=1, timeout=15))
+    env["cluster"].join()
+    assert time.monotonic() - start < 10
+    message = str(info.value)
+    assert "GPU quota" in message and "runtime.tolerations" in message and "schedule_timeout" in message
+    assert not is_transient(info.value)  # already waited schedule_timeout; a retry would wait as long again
+    assert _gone(env, seen["job"])
+
+
+@pytest.mark.timeout(60)
+def test_a_job_stuck_deleting_fails_transiently_naming_its_pods(env):
+    runner = _runner(env, delete_timeout=1)
+    # Foreground deletion: the API server keeps the Job, marked, until its pods are gone; they stay Terminating.
+    job = _existing_job(env, runner, uid="old-uid", finalizers=["foregroundDeletion"])
+    env["cluster"].batch.patch_namespaced_job_status(job["metadata"]["name"], env["namespace"], {"status": {
+        "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}})
+    pod = env["cluster"].pod(job, "zz9", _running(), deletionTimestamp="2026-01-01T00:00:00Z",
+                             finalizers=["batch.kubernetes.io/job-tracking"])
+    with pytest.raises(TransientStageError, match=rf"still being deleted after 1 s; its pods {pod} are stuck "
+                                                  rf"terminating.*--force {pod}") as info:
+        runner.run("tokenizer-1", env["cfg"], env["data"], env["artifacts"])
+    assert is_transient(info.value) and info.value.stage == "tokenizer-1"
+
+
+def test_a_preempted_pod_does_not_make_its_replacements_failure_transient(env):
+    def scenario(c: Cluster) -> None:
+        job = c.job()
+        preempted = {"phase": "Failed", **_terminated("Error", 143),  # SIGTERM when preempted
+                     "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]}
+        c.pod(job, "p1", preempted, creationTimestamp="2026-01-01T00:00:00Z")
+        c.pod(job, "p2", _terminated("Error", 1), log="KeyError: 'lr'\n", creationTimestamp="2026-01-01T00:05:00Z")
+        c.conclude(job, ok=False, reason="BackoffLimitExceeded")
+
+    env["cluster"].play(scenario)
+    with pytest.raises(StageFailed, match=r"exit codes \[1\]") as info:
+        _run(env)
+    env["cluster"].join()
+    assert type(info.value) is StageFailed and not is_transient(info.value)
+
+
+def _earlier_jobs_pods(env, job: dict) -> None:
+    """Pods of an earlier Job of the same name, still terminating: same labels, another owner uid."""
+    for suffix, status in [("old1", _terminated("OOMKilled", 137)), ("old2", {"phase": "Pending", "containerStatuses": [
+            {"name": "stage", "image": "x", "ready": False, "restartCount": 0, "imageID": "",
+             "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}}}]})]:
+        env["cluster"].pod({**job, "metadata": {**job["metadata"], "uid": "earlier-uid"}}, suffix, status,
+                           deletionTimestamp="2026-01-01T00:00:00Z", finalizers=["batch.kubernetes.io/job-tracking"])
+
+
+def test_pods_of_an_earlier_job_of_the_same_name_are_ignored(env, runner_log):
+    runner = _runner(env, image_pull_grace=0)  # the earlier pod's ImagePullBackOff would fail the run at once
+    _earlier_jobs_pods(env, _existing_job(env, runner, uid="this-uid"))
+
+    def scenario(c: Cluster) -> None:
+        _wait_for(lambda: any(line.startswith("attaching to running job") for line in list(runner_log)))
+        job = c.job()
+        c.act_as_pod(job)
+        c.pod(job, "r1", _terminated("Completed", 0))
+        c.conclude(job, ok=True)
+
+    env["cluster"].play(scenario)
+    result = _run(env, runner)
+    env["cluster"].join()
+    assert not result.skipped and result.metrics["loss"] == 0.5
+
+
+def test_an_earlier_jobs_oom_is_not_taken_for_this_jobs_failure(env, runner_log):
+    runner = _runner(env)
+    _earlier_jobs_pods(env, _existing_job(env, runner, uid="this-uid"))
+    _play_failed_job(env, "s1", "Error", 1, before=lambda c, job: _wait_for(
+        lambda: any(line.startswith("attaching to running job") for line in list(runner_log))))
+    with pytest.raises(StageFailed, match=r"exit codes \[1\]") as info:
+        _run(env, runner)
+    env["cluster"].join()
+    assert type(info.value) is StageFailed

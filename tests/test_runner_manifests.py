@@ -95,3 +95,24 @@ def test_a_dataset_path_in_the_pod_replaces_the_published_copy():
     script = _container(objs[0])["command"][2]
     assert "kelix.artifacts pull" not in script and "--data /datasets/shapes" in script
     assert objs[0]["metadata"]["namespace"] == "ml"
+
+
+@pytest.mark.parametrize("image,policy", [
+    ("ghcr.io/kelix-platform/kelix:latest", "Always"),
+    ("ghcr.io/kelix-platform/kelix", "Always"),  # no tag: latest
+    ("registry.local:5000/kelix", "Always"),  # a registry port is not a tag
+    ("ghcr.io/kelix-platform/kelix:1.4.2", "IfNotPresent"),
+    ("registry.local:5000/kelix:1.4.2", "IfNotPresent"),
+    ("ghcr.io/kelix-platform/kelix@sha256:" + "a" * 64, "IfNotPresent"),
+])
+def test_a_mutable_image_tag_is_always_pulled(image, policy):
+    # A GPU node that cached an earlier ":latest" would otherwise run stale code.
+    _, objs = _objs("tiny", "tokenizer-1", (f"runtime.image={image}",))
+    assert _container(objs[0])["image"] == image and _container(objs[0])["imagePullPolicy"] == policy
+
+
+def test_an_explicit_image_pull_policy_wins():
+    from kelix.runners.manifests import JobOptions
+
+    _, objs = _objs("tiny", "tokenizer-1", options=JobOptions(image_pull_policy="IfNotPresent"))
+    assert _container(objs[0])["imagePullPolicy"] == "IfNotPresent"  # the default image is ":latest"

@@ -3,14 +3,17 @@
 It publishes the dataset into the artifact store (once per content fingerprint) so any pod can fetch it,
 starts the Job built by `manifests.py` (or attaches to the one a previous orchestrator left running), polls
 it, streams its pods' logs into the flow's log, and turns the ways a Job ends into errors a person can act
-on: OOMKilled, an image that cannot be pulled, a missing Secret, a deadline, and eviction or preemption,
-which raise `TransientStageError` so the flow's retry reruns the stage and it resumes from its checkpoint
-on the shared volume. Stage outputs stay in the (remote) artifact store; nothing large is downloaded here.
+on: OOMKilled, an image that cannot be pulled, a missing Secret, a deadline, a pod that never starts, and
+eviction or preemption, which raise `TransientStageError` so the flow's retry reruns the stage and it resumes
+from its checkpoint on the shared volume. A cancelled run deletes its Job. Stage outputs stay in the (remote)
+artifact store; nothing large is downloaded here.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,6 +33,16 @@ IMAGE_PULL_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "E
 CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError"}
 DISRUPTION_REASONS = {"Evicted", "Preempting", "PreemptionByScheduler", "EvictionByEvictionAPI",
                       "DeletionByTaintManager", "TerminationByKubelet", "DeletionByPodGC", "NodeLost", "Shutdown"}
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+class StageStartTimeout(StageFailed):
+    """No pod of the stage's Job started within the runner's `schedule_timeout` (unschedulable, stuck creating).
+
+    Permanent: the runner already waited `schedule_timeout` for capacity, and the usual causes (no GPU quota, a
+    node selector or tolerations no node matches, a volume that cannot attach) do not fix themselves, so each
+    retry would only hold the run for another `schedule_timeout`.
+    """
 
 
 class KubernetesRunner:
@@ -46,6 +59,8 @@ class KubernetesRunner:
         pod_data_dir: str | None = None,
         pod_tracking_uri: str | None = None,
         timeout: float | None = None,
+        schedule_timeout: float | None = 1800.0,
+        delete_timeout: float = 120.0,
         tail_lines: int = 40,
     ):
         self._api = api_client
@@ -59,7 +74,14 @@ class KubernetesRunner:
         # The MLflow URL as seen from inside the cluster, when it differs from the orchestrator's.
         self.pod_tracking_uri = pod_tracking_uri
         self.timeout = timeout
+        # Fail a Job whose pods do not start within this long (None: wait for capacity forever).
+        self.schedule_timeout = schedule_timeout
+        # How long to wait for a replaced Job to be gone before giving up (pods stuck terminating).
+        self.delete_timeout = delete_timeout
         self.tail_lines = tail_lines
+
+    # Every wait in the runner goes through this, so a test can stand in for time passing (or for Ctrl-C).
+    _sleep = staticmethod(time.sleep)
 
     # ---- clients ----
 
@@ -156,9 +178,32 @@ class KubernetesRunner:
         job = objs[0]
         jname, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
         t0 = time.perf_counter()
-        self._start(objs, force=force, log=log)
-        self._wait(name, key, jname, namespace, store, log)
+        try:
+            self._start(objs, force=force, log=log)
+            self._wait(name, key, jname, namespace, store, log)
+        except BaseException as exc:
+            if isinstance(exc, _cancellations()):
+                self._cancel(jname, namespace, log)
+            raise
         return finished_result(store, name, key, time.perf_counter() - t0)
+
+    def _cancel(self, jname: str, namespace: str, log: Any) -> None:
+        """Delete the Job of a cancelled run, whose GPUs would otherwise stay busy with work nobody waits for.
+        One request with a timeout, no retries and no waiting for the pods: a cancellation must not hang."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.batch.delete_namespaced_job(jname, namespace, propagation_policy="Foreground", _request_timeout=10)
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning("run cancelled, but deleting job %s/%s failed (%s); delete it yourself: "
+                            "kubectl delete job -n %s %s", namespace, jname, exc.reason, namespace, jname)
+            return
+        except Exception as exc:  # noqa: BLE001 - the cancellation, re-raised by the caller, matters more
+            log.warning("run cancelled, but deleting job %s/%s failed (%s); delete it yourself: "
+                        "kubectl delete job -n %s %s", namespace, jname, exc, namespace, jname)
+            return
+        log.warning("run cancelled: deleted job %s/%s and its pods", namespace, jname)
 
     def _start(self, objs: list[dict[str, Any]], *, force: bool, log: Any) -> None:
         job = objs[0]
@@ -212,20 +257,39 @@ class KubernetesRunner:
         except ApiException as exc:
             if exc.status != 404:
                 raise
-        while wait and self._json(self.batch.read_namespaced_job, jname, namespace) is not None:
-            time.sleep(self.poll_interval)
+        deadline = time.monotonic() + self.delete_timeout
+        while wait and (job := self._json(self.batch.read_namespaced_job, jname, namespace)) is not None:
+            if time.monotonic() > deadline:
+                raise self._stuck_deleting(job)
+            self._sleep(self.poll_interval)
 
-    def _pods(self, jname: str, namespace: str) -> list[dict[str, Any]]:
+    def _stuck_deleting(self, job: dict[str, Any]) -> TransientStageError:
+        """Transient: pods left on a lost node are usually collected within minutes, and then a rerun proceeds."""
+        meta = job["metadata"]
+        jname, namespace = meta["name"], meta["namespace"]
+        stuck = [p["metadata"]["name"] for p in self._pods(jname, namespace, meta.get("uid"))]
+        return TransientStageError(
+            f"job {namespace}/{jname} is still being deleted after {self.delete_timeout:g} s; its pods "
+            f"{', '.join(stuck) or '(none listed)'} are stuck terminating, often on a node that went away. A rerun "
+            f"tries again; if they stay, check their node (kubectl get pods -n {namespace} -o wide) and, once "
+            f"sure they stopped, force-delete them: kubectl delete pod -n {namespace} --grace-period=0 --force "
+            f"{' '.join(stuck)}", stage=(meta.get("labels") or {}).get(manifests.LABEL_STAGE, ""))
+
+    def _pods(self, jname: str, namespace: str, uid: str | None) -> list[dict[str, Any]]:
+        """The pods of the Job `jname` with this `uid`, not those of an earlier same-named Job still being
+        deleted (they carry the same labels), which would otherwise be taken for this Job's."""
         listing = self._json(self.core.list_namespaced_pod, namespace,
                              label_selector=f"{manifests.LABEL_JOB}={jname}") or {}
         # Filter again: the selector is the server's job, but a lax server (or test double) may ignore it.
         pods = [p for p in listing.get("items", [])
-                if (p.get("metadata", {}).get("labels") or {}).get(manifests.LABEL_JOB) == jname]
+                if (p.get("metadata", {}).get("labels") or {}).get(manifests.LABEL_JOB) == jname
+                and (uid is None or uid in {r.get("uid") for r in p["metadata"].get("ownerReferences") or []})]
         return sorted(pods, key=lambda p: p["metadata"]["name"])
 
     def _wait(self, name: str, key: str, jname: str, namespace: str, store: Any, log: Any) -> None:
         followers: dict[str, _LogFollower] = {}
         stuck_since: dict[str, float] = {}
+        pending_since: dict[str, float] = {}
         warned: set[str] = set()
         start = time.monotonic()
         try:
@@ -234,7 +298,7 @@ class KubernetesRunner:
                 if job is None:
                     raise TransientStageError(f"job {namespace}/{jname} of stage {name} disappeared while running",
                                               stage=name)
-                pods = self._pods(jname, namespace)
+                pods = self._pods(jname, namespace, job["metadata"].get("uid"))
                 for pod in pods:
                     self._inspect_pod(name, jname, namespace, pod, followers, stuck_since, warned, log)
                 state = job_state(job)
@@ -250,7 +314,8 @@ class KubernetesRunner:
                     raise StageDeadlineExceeded(
                         f"stage {name}: job {namespace}/{jname} did not finish within {self.timeout:g} s; deleted it",
                         stage=name, logs=_tails(followers))
-                time.sleep(self.poll_interval)
+                self._check_started(name, jname, namespace, pods, pending_since)
+                self._sleep(self.poll_interval)
         finally:
             for f in followers.values():
                 f.stop()
@@ -290,6 +355,32 @@ class KubernetesRunner:
                 followers[pname] = _LogFollower(self.core, pname, namespace, log, f"{name}/{pname}", self.tail_lines)
                 followers[pname].start()
 
+    def _check_started(self, name: str, jname: str, namespace: str, pods: list[dict[str, Any]],
+                       pending_since: dict[str, float]) -> None:
+        """Delete the Job and fail when a pod (or, with none created, the Job) has waited `schedule_timeout` to
+        start: unschedulable, stuck in ContainerCreating, or refused by a ResourceQuota."""
+        if self.schedule_timeout is None:
+            return
+        now = time.monotonic()
+        # Keyed by pod name; "" while the Job has no pod at all. A pod that started leaves the count.
+        waiting = {"": None} if not pods else {p["metadata"]["name"]: p for p in pods if _not_started(p)}
+        for k in set(pending_since) - set(waiting):
+            del pending_since[k]
+        for k, pod in waiting.items():
+            if now - pending_since.setdefault(k, now) < self.schedule_timeout:
+                continue
+            self._delete_job(jname, namespace)
+            if pod is None:
+                what = (f"no pod of job {namespace}/{jname} was created within {self.schedule_timeout:g} s (a "
+                        f"ResourceQuota may refuse it: kubectl describe job -n {namespace} {jname})")
+            else:
+                what = (f"pod {pod['metadata']['name']} did not start within {self.schedule_timeout:g} s "
+                        f"({_why_pending(pod)})")
+            raise StageStartTimeout(
+                f"stage {name}: {what}; check the namespace's GPU quota and that runtime.node_selector and "
+                f"runtime.tolerations match a node with free GPUs, or raise the runner's schedule_timeout if the "
+                f"cluster is just busy. Deleted job {namespace}/{jname}.", stage=name)
+
     def _failure(self, name: str, key: str, job: dict[str, Any], pods: list[dict[str, Any]],
                  followers: dict[str, "_LogFollower"], store: Any) -> Exception:
         """The clearest error for a failed Job, and whether retrying it makes sense (by its type)."""
@@ -302,6 +393,9 @@ class KubernetesRunner:
         if cond.get("reason") == "DeadlineExceeded":
             return StageDeadlineExceeded(f"{where}: it ran past activeDeadlineSeconds ({cond.get('message', '')})",
                                          stage=name, logs=logs)
+        # A replaced pod (preempted, ignored by the podFailurePolicy) stays listed; the Job failed because of
+        # its replacement, so only the newest pod of each completion index tells why.
+        pods = _newest(pods)
         terminated = [t for pod in pods for t in _terminations(pod)]
         for t in terminated:
             if t.get("reason") == "OOMKilled":
@@ -359,6 +453,59 @@ def _disrupted(pod: dict[str, Any]) -> bool:
         return True
     return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
                for c in status.get("conditions") or [])
+
+
+def _newest(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest pod(s) of each completion index (all pods of a non-indexed Job share one index)."""
+    def index(pod: dict[str, Any]) -> str | None:
+        meta = pod["metadata"]
+        return (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (meta.get("labels") or {}).get(COMPLETION_INDEX)
+
+    def created(pod: dict[str, Any]) -> str:
+        # RFC 3339 in UTC as the API server writes it: the strings order like the times. Whole seconds, so
+        # ties keep every tied pod; without timestamps (a lax test double) every pod counts.
+        return pod["metadata"].get("creationTimestamp") or ""
+
+    latest: dict[str | None, str] = {}
+    for pod in pods:
+        latest[index(pod)] = max(latest.get(index(pod), ""), created(pod))
+    return [pod for pod in pods if created(pod) == latest[index(pod)]]
+
+
+def _not_started(pod: dict[str, Any]) -> bool:
+    """Still Pending (unscheduled or creating its container), not being deleted, and not waiting on an image
+    pull or a missing Secret, which have their own, shorter, grace (`image_pull_grace`)."""
+    status = pod.get("status") or {}
+    if pod["metadata"].get("deletionTimestamp") or status.get("phase") not in (None, "", "Pending"):
+        return False
+    for cs in status.get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        if state.get("running") or state.get("terminated"):
+            return False
+        if (state.get("waiting") or {}).get("reason") in IMAGE_PULL_REASONS | CONFIG_REASONS:
+            return False
+    return True
+
+
+def _why_pending(pod: dict[str, Any]) -> str:
+    """The scheduler's or kubelet's word on why a pod has not started."""
+    status = pod.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return f"{cond.get('reason') or 'Unschedulable'}: {cond.get('message') or 'no reason given'}"
+    for cs in status.get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting:
+            return ": ".join(filter(None, (waiting.get("reason"), waiting.get("message"))))
+    return status.get("message") or status.get("reason") or "Pending"
+
+
+def _cancellations() -> tuple[type[BaseException], ...]:
+    """What cancels a run: Ctrl-C, a cancelled asyncio task, and a Prefect cancellation. Prefect's type is
+    looked up only if prefect is already imported (it is slow to import, and nothing else raises it)."""
+    kinds: tuple[type[BaseException], ...] = (KeyboardInterrupt, asyncio.CancelledError)
+    signal = getattr(sys.modules.get("prefect.exceptions"), "TerminationSignal", None)
+    return kinds + (signal,) if isinstance(signal, type) else kinds
 
 
 def _drain(followers: dict[str, "_LogFollower"]) -> None:

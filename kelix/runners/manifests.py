@@ -41,7 +41,9 @@ class JobOptions:
     # 0: Prefect owns retries; evictions and preemptions do not count (podFailurePolicy below).
     backoff_limit: int = 0
     active_deadline_seconds: int | None = None
-    image_pull_policy: str = "IfNotPresent"
+    # None: Always for a mutable tag (":latest" or none), so a node never runs a stale cached image under a
+    # reused tag; IfNotPresent for a pinned tag or digest, which cannot change under it.
+    image_pull_policy: str | None = None
     shm_size: str = "8Gi"
     scratch_size: str | None = None
     service_account: str | None = None  # stage pods need no API access, so the token is not mounted
@@ -51,6 +53,17 @@ class JobOptions:
 def job_name(stage: str, key: str) -> str:
     """DNS-1123 name, stable per stage key, so a restarted orchestrator finds the Job it started."""
     return f"kelix-{stage}-{key[:10]}".lower()
+
+
+def pull_policy(image: str, policy: str | None = None) -> str:
+    """The imagePullPolicy for `image`: `policy` if given, else Always for a mutable tag, else IfNotPresent."""
+    if policy:
+        return policy
+    if "@" in image:  # a digest: immutable
+        return "IfNotPresent"
+    name = image.rsplit("/", 1)[-1]  # not the registry's host:port
+    tag = name.partition(":")[2]
+    return "Always" if tag in ("", "latest") else "IfNotPresent"
 
 
 def labels(stage: str, key: str) -> dict[str, str]:
@@ -131,7 +144,7 @@ def stage_job(
         "containers": [{
             "name": CONTAINER,
             "image": image,
-            "imagePullPolicy": options.image_pull_policy,
+            "imagePullPolicy": pull_policy(image, options.image_pull_policy),
             "command": ["/bin/sh", "-c", script],
             "env": [{"name": k, "value": str(v)} for k, v in container_env.items()],
             "envFrom": options.env_from,
