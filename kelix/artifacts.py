@@ -78,7 +78,9 @@ class ArtifactStore:
 
         The caller marks the stage RUNNING first, so no reader takes the half-deleted folder as finished."""
         local = self.local_dir(stage, key)
-        for path in sorted(local.iterdir()) if local.exists() else []:
+        # Checkpoints first: a clear killed half-way must not leave the old run's last checkpoint for the next
+        # try (which finds the stage unfinished) to resume from.
+        for path in sorted(local.iterdir(), key=lambda p: (p.name != "checkpoints", p.name)) if local.exists() else []:
             if path.name == STATUS_FILE:
                 continue
             if path.is_dir():

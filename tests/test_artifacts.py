@@ -124,6 +124,30 @@ def test_clearing_a_local_store_keeps_only_the_marker(tmp_path):
     assert store.status("dit-1", "k")["status"] == "RUNNING"
 
 
+def test_a_clear_killed_half_way_has_already_removed_the_checkpoints(tmp_path, monkeypatch):
+    """Killed mid-clear, the stage is unfinished, so the next try resumes: from nothing, not from the old run's
+    last checkpoint (which would hand back the old weights under "force")."""
+    import shutil
+
+    store = ArtifactStore(tmp_path / "store")
+    local = store.local_dir("llm-2", "k")
+    for folder in ("aux", "checkpoints/step_0000450", "model"):
+        (local / folder).mkdir(parents=True)
+    store.mark("llm-2", "k", "RUNNING")
+    real_rmtree, calls = shutil.rmtree, []
+
+    def killed_on_the_second(path, *args, **kwargs):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        store.clear("llm-2", "k")
+    assert calls[0] == "checkpoints" and not (local / "checkpoints").exists()
+
+
 def test_pulling_what_the_store_does_not_hold_says_so(stores):
     _, reader = stores
     with pytest.raises(FileNotFoundError, match="has no outputs for llm-2/nope: run the stage first"):
