@@ -168,7 +168,7 @@ def stage_task(name: str, ctx: Context, parent_run_id: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     force = ctx.forced(name)
     first_attempt = task_run.run_count == 1  # only a retry can find this stage's run already there
-    if not force and ctx.store.is_done(name, key):
+    if not force and ctx.store.is_current(name, key):
         metrics = dict((ctx.store.status(name, key) or {}).get("metrics") or {})
         run = ctx.tracker.stage_run(parent_run_id, name, key, {**tags, TAG_SKIPPED: "true"}, reuse=not first_attempt)
         source = ctx.tracker.source_run(name, key)

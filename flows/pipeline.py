@@ -106,8 +106,11 @@ def run_from_args(args: Any) -> int:
                        runner_options=options, progress=not args.no_progress)
     except Exception as exc:  # noqa: BLE001 - Prefect has logged the traceback; say what to do next
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        # With --force, the same command would start the forced stages over again; without it, the stages built
+        # on them still rerun (their inputs changed) and the rest resume.
+        again = "the same command without --force" if args.force else "the same command"
         print(f"pipeline failed: {type(exc).__name__}: {first}\nFinished stages and the last checkpoints are kept: "
-              "fix the cause and rerun the same command to resume.", file=sys.stderr)
+              f"fix the cause and rerun {again} to resume.", file=sys.stderr)
         return 1
     return 0
 

@@ -63,6 +63,27 @@ class ArtifactStore:
         status = self.status(stage, key)
         return bool(status and status.get("status") == SUCCESS)
 
+    def stale_inputs(self, stage: str, key: str) -> list[str]:
+        """The input stages rerun since this stage's outputs were made from them.
+
+        Keys hash config and data, not code, so a forced rerun of an upstream stage keeps its key; the SUCCESS
+        marker therefore also records which run of each input it read (`input_runs`: the input marker's time).
+        Outputs marked before that was recorded have no record and count as current."""
+        stale = []
+        for dep, seen in ((self.status(stage, key) or {}).get("input_runs") or {}).items():
+            now = self.status(dep, seen["key"]) or {}
+            if now.get("status") != SUCCESS or now.get("time") != seen["time"]:
+                stale.append(dep)
+        return stale
+
+    def is_current(self, stage: str, key: str) -> bool:
+        """Finished, and from the runs of its inputs that are in the store now."""
+        return self.is_done(stage, key) and not self.stale_inputs(stage, key)
+
+    def input_run(self, stage: str, key: str) -> dict[str, Any]:
+        """What a downstream marker records about its input `stage` (see `stale_inputs`)."""
+        return {"key": key, "time": (self.status(stage, key) or {}).get("time")}
+
     def mark(self, stage: str, key: str, status: str, **info: Any) -> None:
         record = {"status": status, "stage": stage, "key": key, "time": time.time(), "host": socket.gethostname(), **info}
         local = self.local_dir(stage, key)

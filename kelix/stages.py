@@ -230,24 +230,30 @@ def run_stage(
     key = keys[name]
     out_dir = store.local_dir(name, key)
     t0 = time.perf_counter()
-    if not force and store.is_done(name, key):
+    done = store.is_done(name, key)
+    stale = store.stale_inputs(name, key) if done else []
+    if done and not force and not stale:
         out_dir = store.pull(name, key)
         return StageResult(name, key, out_dir, _read_metrics(out_dir), True, time.perf_counter() - t0)
+    if stale and main:
+        print(f"{name}: starting over, its inputs {', '.join(stale)} were rerun after it finished", file=sys.stderr)
 
-    inputs = {}
+    inputs, input_runs = {}, {}
     for dep in stage.inputs:
         if not store.is_done(dep, keys[dep]):
             raise StageInputMissing(
                 f"stage {name} needs {dep} (key {keys[dep]}) which has not finished in {store.uri}: "
                 f"run `kelix stage run {dep}` first, or `kelix pipeline run`"
             )
+        input_runs[dep] = store.input_run(dep, keys[dep])
         inputs[dep] = store.pull(dep, keys[dep])
 
-    # Forcing a finished stage starts it over: its checkpoints would otherwise resume it at its last step and
-    # redo nothing (keys hash config and data, not code, so a force usually follows a code change). A forced
-    # try that crashed is not finished, so the next one resumes it instead of starting over again. Every rank
-    # decides before the main process changes the store, and none reads a checkpoint before it is cleared.
-    restart = force and store.is_done(name, key)
+    # Forcing a finished stage, or one whose inputs were rerun, starts it over: its checkpoints would otherwise
+    # resume it at its last step and redo nothing (keys hash config and data, not code, so a force usually
+    # follows a code change). A forced try that crashed is not finished, so the next one resumes it instead of
+    # starting over again. Every rank decides before the main process changes the store, and none reads a
+    # checkpoint before it is cleared.
+    restart = done and (force or bool(stale))
     distributed.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
     if main:
@@ -271,7 +277,8 @@ def run_stage(
     if main:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
         store.push(name, key)
-        store.mark(name, key, SUCCESS, inputs={d: keys[d] for d in stage.inputs}, metrics=metrics)
+        store.mark(name, key, SUCCESS, inputs={d: keys[d] for d in stage.inputs}, input_runs=input_runs,
+                   metrics=metrics)
     return StageResult(name, key, out_dir, metrics, False, time.perf_counter() - t0)
 
 
@@ -335,7 +342,8 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     store = ArtifactStore(store_uri(args.artifacts, cfg.runtime.artifacts))
     for name, key in keys.items():
         status = (store.status(name, key) or {}).get("status", "-")
-        print(f"{name:12s} {key}  {status}")
+        stale = store.stale_inputs(name, key) if status == SUCCESS else []
+        print(f"{name:12s} {key}  {status}" + (f" (stale: {', '.join(stale)} rerun since)" if stale else ""))
     return 0
 
 

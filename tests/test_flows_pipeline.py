@@ -319,6 +319,21 @@ def test_cli_passes_the_schedule_timeout_to_the_kubernetes_runner(monkeypatch, g
     assert seen.get("schedule_timeout", "unset") == expected
 
 
+@pytest.mark.parametrize("force, advice", [([], "rerun the same command to resume"),
+                                           (["--force", "llm-2"], "rerun the same command without --force to resume")])
+def test_a_failed_run_says_how_to_resume(monkeypatch, capsys, tmp_path, force, advice):
+    """Repeating --force after a failure would start the forced stages over again."""
+    import flows.pipeline
+    from kelix.cli import main
+
+    def fails(**_):
+        raise RuntimeError("llm-3 ran out of memory")
+
+    monkeypatch.setattr(flows.pipeline, "kelix_pipeline", fails)
+    assert main(["pipeline", "run", "--artifacts", str(tmp_path / "a"), "--data", str(tmp_path / "d"), *force]) == 1
+    assert advice in capsys.readouterr().err
+
+
 def test_the_settings_mlflow_uri_is_the_registry_store_from_the_start(tmp_path, monkeypatch):
     """A flow that only registers or promotes never touches `ctx.tracker`: the registry must still use the
     store given in the settings, not the environment's."""

@@ -28,3 +28,27 @@ def test_forcing_a_finished_stage_trains_it_again_and_a_crashed_forced_try_resum
     ArtifactStore(store).mark("tokenizer-1", forced.key, FAILED, error="killed")
     again = run_stage("tokenizer-1", cfg, tiny_dataset, store, force=True, progress=False)
     assert not again.skipped and again.metrics["resumed_from_step"] == 4
+
+
+def test_a_stage_whose_input_was_rerun_starts_over_and_says_so(tmp_path, tiny_dataset, capsys):
+    """Forcing tokenizer-1 keeps its key; tokenizer-2, built on the earlier tokenizer-1, must not be skipped (or
+    resumed from its last checkpoint) as if nothing had changed. Then it is current again."""
+    from kelix.config import load_config
+    from kelix.stages import main, run_stage
+
+    cfg = load_config("tiny", overrides=SMALL)
+    store = str(tmp_path / "store")
+    run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
+    second = run_stage("tokenizer-2", cfg, tiny_dataset, store, progress=False)
+    assert run_stage("tokenizer-2", cfg, tiny_dataset, store, progress=False).skipped
+
+    run_stage("tokenizer-1", cfg, tiny_dataset, store, force=True, progress=False)
+    assert ArtifactStore(store).stale_inputs("tokenizer-2", second.key) == ["tokenizer-1"]
+    argv = ["keys", "--data", str(tiny_dataset), "--artifacts", store, *[a for kv in SMALL for a in ("--set", kv)]]
+    assert main(argv) == 0
+    assert f"tokenizer-2  {second.key}  SUCCESS (stale: tokenizer-1 rerun since)" in capsys.readouterr().out
+
+    again = run_stage("tokenizer-2", cfg, tiny_dataset, store, progress=False)
+    assert not again.skipped and again.metrics["resumed_from_step"] == 0
+    assert "tokenizer-2: starting over, its inputs tokenizer-1 were rerun after it finished" in capsys.readouterr().err
+    assert run_stage("tokenizer-2", cfg, tiny_dataset, store, progress=False).skipped

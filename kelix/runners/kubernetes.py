@@ -164,7 +164,7 @@ class KubernetesRunner:
         fingerprint = data_fingerprint(data_dir)
         keys = stage_keys(cfg, fingerprint, [name])
         key = keys[name]
-        if not force and store.is_done(name, key):
+        if not force and store.is_current(name, key):
             return skipped_result(store, name, key)
         check_inputs(name, store, keys)
         log = stage_logger()

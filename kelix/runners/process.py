@@ -53,7 +53,7 @@ class SubprocessRunner:
         store = ArtifactStore(artifacts)
         keys = stage_keys(cfg, data_fingerprint(data_dir), [name])
         key = keys[name]
-        if not force and store.is_done(name, key):
+        if not force and store.is_current(name, key):
             return skipped_result(store, name, key)
         check_inputs(name, store, keys)
         log = stage_logger()
