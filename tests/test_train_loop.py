@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from kelix.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
+from kelix.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from kelix.train.config import TrainConfig
 from kelix.train.loop import train
 from kelix.train.sampler import StepSampler
@@ -119,8 +119,6 @@ def test_corrupt_checkpoint_is_reported_and_skipped(tmp_path):
 def test_saving_below_corrupt_later_checkpoints_keeps_the_new_one_and_its_predecessor(tmp_path):
     """A run resumes from step 4 because steps 8 and 12 are corrupt; its next checkpoints must survive pruning
     (counting the corrupt later folders would delete the checkpoint just written and the good one before it)."""
-    from kelix.train.checkpoint import save_checkpoint
-
     ckpts = tmp_path / "checkpoints"
     for step in (4, 8, 12):
         save_checkpoint(ckpts, step, {"w": torch.ones(2)}, {}, keep=3)
@@ -141,6 +139,30 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     train(model, [{"params": model.parameters()}], get_batch, step_fn, _cfg(num_steps=4), tmp_path, progress=False)
     (tmp_path / "checkpoints" / ".tmp-step_0000008-123").mkdir()
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_0000004"]
+
+
+def test_a_full_disk_leaves_no_temporary_copy_and_is_not_retried(tmp_path, monkeypatch):
+    """A checkpoint write that fails removes its half-written folder (as large as a good one, and no later run
+    reuses its pid-named path); a full disk is a clear error the runners do not retry. Folders that killed
+    processes left behind are swept at the next save."""
+    import errno
+
+    import kelix.train.checkpoint as checkpoint
+    from kelix.runners import is_transient
+
+    ckpts = tmp_path / "checkpoints"
+    save_checkpoint(ckpts, 2, {"w": torch.ones(2)}, {}, keep=2)
+    (ckpts / ".tmp-step_0000003-99999").mkdir()  # a process killed mid-write
+
+    def disk_full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(OSError, match="no space left in .* for the checkpoint of step 4.*free space there and rerun") as err:
+        save_checkpoint(ckpts, 4, {"w": torch.ones(2)}, {}, keep=2)
+    assert err.value.errno == errno.ENOSPC and not is_transient(err.value)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000002"]
+    assert is_transient(OSError(errno.EIO, "I/O error"))  # other I/O trouble is still retried
 
 
 def test_time_budget_stops_with_a_checkpoint(tmp_path):

@@ -8,6 +8,7 @@ image, a bug) fails fast so nobody waits through retries that cannot succeed.
 """
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -72,6 +73,8 @@ def is_transient(exc: BaseException | None) -> bool:
         return False
     if isinstance(exc, _PERMANENT_OS_ERRORS):
         return False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return False  # a full disk stays full for the retry: someone has to free space
     if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
         return True
     try:

@@ -8,6 +8,7 @@ their checksums is corrupt and reported as such.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from kelix.files import file_sha256
 
 PREFIX = "step_"
+TMP_PREFIX = ".tmp-"  # a checkpoint being written (renamed to step_N when whole)
 
 
 class CheckpointError(RuntimeError):
@@ -53,9 +55,28 @@ def save_checkpoint(
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{PREFIX}{step:07d}"
-    tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = ckpt_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    _sweep_abandoned(ckpt_dir, keep=tmp)
     tmp.mkdir()
+    try:
+        _write(tmp, step, model_state, train_state, extra)
+    except BaseException as exc:
+        # A half-written copy of the weights and optimiser state is as large as a good one: never leave it.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(exc.errno, f"no space left in {ckpt_dir} for the checkpoint of step {step} ({exc}); "
+                          "free space there and rerun: training resumes from the last checkpoint") from exc
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)
+    prune_checkpoints(ckpt_dir, step, keep)
+    return final
+
+
+def _write(tmp: Path, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any],
+           extra: dict[str, Any] | None) -> None:
     # safetensors refuses tensors that share memory (tied weights): store independent copies.
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in model_state.items()}
     save_file(tensors, tmp / "model.safetensors")
@@ -69,12 +90,15 @@ def save_checkpoint(
     for name in ("model.safetensors", "optim.pt", "meta.json"):
         with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
-    prune_checkpoints(ckpt_dir, step, keep)
-    return final
+
+
+def _sweep_abandoned(ckpt_dir: Path, keep: Path) -> None:
+    """Remove temporary folders that killed processes left (`.tmp-step_N-<pid>`): each is a full copy of the
+    weights and optimiser state, and no later run reuses its name. The sharded writer's `-dcp` folders are its
+    own to manage (all ranks write into one at once)."""
+    for path in ckpt_dir.glob(f"{TMP_PREFIX}{PREFIX}*"):
+        if path != keep and not path.name.endswith("-dcp"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def prune_checkpoints(ckpt_dir: Path, step: int, keep: int) -> None:
