@@ -21,6 +21,9 @@ import fsspec
 from kelix.files import is_temporary, replace_atomically
 
 STATUS_FILE = "_STATUS.json"
+# Held (flock) by the process running the stage into this folder; like the marker, bookkeeping, never an output.
+LOCK_FILE = ".kelix.lock"
+BOOKKEEPING = (STATUS_FILE, LOCK_FILE)
 SUCCESS, FAILED, RUNNING = "SUCCESS", "FAILED", "RUNNING"
 
 
@@ -102,7 +105,7 @@ class ArtifactStore:
         # Checkpoints first: a clear killed half-way must not leave the old run's last checkpoint for the next
         # try (which finds the stage unfinished) to resume from.
         for path in sorted(local.iterdir(), key=lambda p: (p.name != "checkpoints", p.name)) if local.exists() else []:
-            if path.name == STATUS_FILE:
+            if path.name in BOOKKEEPING:
                 continue
             if path.is_dir():
                 shutil.rmtree(path)
@@ -147,7 +150,7 @@ class ArtifactStore:
         # Files of an earlier run that the store no longer holds (a forced rerun wrote fewer) would otherwise sit
         # beside the new outputs. Another process's download in flight (a temporary name) is left alone.
         for path in [p for p in local.rglob("*") if p.is_file()]:
-            if path not in wanted and path.name != STATUS_FILE and not is_temporary(path):
+            if path not in wanted and path.name not in BOOKKEEPING and not is_temporary(path):
                 path.unlink(missing_ok=True)
         if status is not None:
             replace_atomically(marker, lambda tmp: tmp.write_bytes(status))
@@ -159,7 +162,7 @@ class ArtifactStore:
             return
         local = self.local_dir(stage, key)
         for path in sorted(local.rglob("*")):
-            if path.is_file() and path.name != STATUS_FILE and "checkpoints" not in path.relative_to(local).parts:
+            if path.is_file() and path.name not in BOOKKEEPING and "checkpoints" not in path.relative_to(local).parts:
                 self.fs.put_file(str(path), f"{self._remote_path(stage, key)}/{path.relative_to(local).as_posix()}")
 
     # ---- additions for the orchestrator and the pods it starts (flows/, kelix/runners/) ----
@@ -188,7 +191,7 @@ class ArtifactStore:
         src = Path(src)
         if self.remote:
             for path in sorted(src.rglob("*")):
-                if path.is_file() and path.name != STATUS_FILE:
+                if path.is_file() and path.name not in BOOKKEEPING:
                     self.fs.put_file(str(path), f"{self._remote_path(stage, key)}/{path.relative_to(src).as_posix()}")
         elif src.resolve() != self.local_dir(stage, key):
             shutil.copytree(src, self.local_dir(stage, key), dirs_exist_ok=True)

@@ -2,11 +2,16 @@
 atomic replacement (readers, and torchrun ranks writing the same cache, never see a half-written file)."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import json
 import os
+import socket
+import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 # Part of every temporary name `replace_atomically` writes under.
 TEMP_MARK = ".tmp-"
@@ -39,3 +44,37 @@ def replace_atomically(path: str | Path, write: Callable[[Path], object]) -> Non
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class LockHeld(RuntimeError):
+    """Another process holds the lock; the message names it (pid, host, since when) as it recorded itself."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, timeout: float = 0.0) -> Iterator[Path]:
+    """Hold an exclusive `flock` on `path` (created if missing), waiting up to `timeout` seconds for it.
+
+    The holder writes its pid, host and start time into the file, so whoever waits in vain can be told who
+    holds it. The kernel drops the lock when the holder dies, however it dies: a killed process never leaves
+    a stale lock behind, only a stale description, which the next holder overwrites."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    with open(path, "a+") as fh:
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    fh.seek(0)
+                    raise LockHeld(fh.read().strip() or "an unknown process") from None
+                time.sleep(0.05)
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+            fh.flush()
+            yield path
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -11,6 +11,7 @@ reruns with everything downstream, and a crashed one resumes from its checkpoint
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -25,7 +26,8 @@ from typing import Any, Callable
 
 import torch
 
-from kelix.artifacts import FAILED, RUNNING, SUCCESS, ArtifactStore, store_uri
+from kelix.artifacts import FAILED, LOCK_FILE, RUNNING, SUCCESS, ArtifactStore, store_uri
+from kelix.files import LockHeld, exclusive_lock
 from kelix.config import KelixConfig, config_hash
 from kelix.runtime_config import Resources
 from kelix.train.metrics import MetricLogger
@@ -192,6 +194,10 @@ class StageInputMissing(RuntimeError):
     """An input stage has not finished: run the stages in order (or the pipeline)."""
 
 
+class StageBusy(RuntimeError):
+    """Another process is running the same stage into the same folder (two would overwrite each other)."""
+
+
 def resolve_device(spec: str | torch.device) -> torch.device:
     """`auto` (cuda when torch sees one, else cpu) or a device torch has here; anything else is a ValueError
     that says what to pass, not an assertion deep inside the first tensor move."""
@@ -228,8 +234,24 @@ def run_stage(
     store = ArtifactStore(store_uri(artifacts, cfg.runtime.artifacts))
     keys = stage_keys(cfg, data_fingerprint(data_dir), [name])
     key = keys[name]
-    out_dir = store.local_dir(name, key)
     t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if main:
+            try:
+                stack.enter_context(exclusive_lock(store.local_dir(name, key) / LOCK_FILE))
+            except LockHeld as held:
+                raise StageBusy(f"stage {name} [{key}] is already running from {store.local_dir(name, key)}: {held}. "
+                                "Wait for it to finish, or stop that process, then rerun") from None
+        return _run_stage(stage, cfg, data_dir, store, keys, force, progress, main, t0)
+
+
+def _run_stage(stage: Stage, cfg: KelixConfig, data_dir: Path, store: ArtifactStore, keys: dict[str, str],
+               force: bool, progress: bool, main: bool, t0: float) -> StageResult:
+    """`run_stage` once the stage's lock is held (by the main process; the other ranks follow it)."""
+    from kelix.train import distributed
+
+    name, key = stage.name, keys[stage.name]
+    out_dir = store.local_dir(name, key)
     done = store.is_done(name, key)
     stale = store.stale_inputs(name, key) if done else []
     if done and not force and not stale:
@@ -309,7 +331,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # A child process or pod logs into the MLflow run its orchestrator opened (MLFLOW_RUN_ID).
         with stage_run_from_env():
             result = run_stage(args.name, cfg, data_dir, args.artifacts, force=args.force)
-    except (KeyError, StageInputMissing, FileNotFoundError) as exc:
+    except (KeyError, StageInputMissing, StageBusy, FileNotFoundError) as exc:
         raise UserError(str(exc).strip('"')) from exc
     state = "skipped (already done)" if result.skipped else f"done in {result.seconds:.1f}s"
     print(f"{result.name} [{result.key}] {state} -> {result.out_dir}")

@@ -7,7 +7,7 @@ import uuid
 import fsspec
 import pytest
 
-from kelix.artifacts import FAILED, STATUS_FILE, SUCCESS, ArtifactStore
+from kelix.artifacts import FAILED, LOCK_FILE, STATUS_FILE, SUCCESS, ArtifactStore
 
 
 @pytest.fixture
@@ -101,8 +101,9 @@ def test_a_forced_rerun_clears_the_store_and_the_mirrors_drop_what_it_no_longer_
     in_flight.write_bytes(b"partial")
 
     writer.mark("llm-1", "k1", "RUNNING")
+    (local / LOCK_FILE).write_text("{}")  # held by the process running the stage: never cleared nor uploaded
     writer.clear("llm-1", "k1")
-    assert sorted(p.name for p in local.rglob("*")) == [STATUS_FILE]
+    assert sorted(p.name for p in local.rglob("*")) == sorted([LOCK_FILE, STATUS_FILE])
     assert sorted(writer.fs.find(f"{writer.root}/llm-1/k1")) == [f"{writer.root}/llm-1/k1/{STATUS_FILE}"]
 
     (local / "metrics.json").write_text('{"loss": 0.25}')

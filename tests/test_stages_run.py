@@ -52,3 +52,25 @@ def test_a_stage_whose_input_was_rerun_starts_over_and_says_so(tmp_path, tiny_da
     assert not again.skipped and again.metrics["resumed_from_step"] == 0
     assert "tokenizer-2: starting over, its inputs tokenizer-1 were rerun after it finished" in capsys.readouterr().err
     assert run_stage("tokenizer-2", cfg, tiny_dataset, store, progress=False).skipped
+
+
+def test_a_second_process_on_a_running_stage_is_refused_naming_the_first(tmp_path, tiny_dataset):
+    """Two runs of one stage in one folder overwrite each other's checkpoints and markers (an orchestrator killed
+    while its child trains, then rerun): the second is refused at once, naming the holder."""
+    import os
+
+    import pytest
+
+    from kelix.artifacts import LOCK_FILE
+    from kelix.config import load_config
+    from kelix.files import exclusive_lock
+    from kelix.stages import StageBusy, data_fingerprint, run_stage, stage_keys
+
+    cfg = load_config("tiny", overrides=SMALL)
+    store = ArtifactStore(tmp_path / "store")
+    key = stage_keys(cfg, data_fingerprint(tiny_dataset), ["tokenizer-1"])["tokenizer-1"]
+    with exclusive_lock(store.local_dir("tokenizer-1", key) / LOCK_FILE):  # what the first run holds
+        with pytest.raises(StageBusy, match=rf"tokenizer-1 \[{key}\] is already running .*\"pid\": {os.getpid()}"):
+            run_stage("tokenizer-1", cfg, tiny_dataset, str(store.local_root), progress=False)
+    assert store.status("tokenizer-1", key) is None  # the refused run touched nothing
+    assert not run_stage("tokenizer-1", cfg, tiny_dataset, str(store.local_root), progress=False).skipped

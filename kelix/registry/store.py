@@ -18,13 +18,11 @@ share the lock folder (`KELIX_LOCK_DIR` on a shared filesystem).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import json
 import os
-import socket
-import time
 from pathlib import Path
+
+from kelix.files import LockHeld, exclusive_lock
 
 REGISTRY_EXPERIMENT = "kelix-registry"
 MODEL_EXPERIMENT = "kelix"
@@ -107,24 +105,10 @@ def lock_path(uri: str | None = None) -> Path:
 def registry_lock(timeout: float = 300.0, uri: str | None = None):
     """Hold the registry's exclusive lock; the file records the holder for the timeout message."""
     path = lock_path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout
-    with open(path, "a+") as fh:
-        while True:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    fh.seek(0)
-                    raise RegistryError(f"registry lock {path} is still held after {timeout:g} s by "
-                                        f"{fh.read().strip() or 'an unknown process'}; retry when it is released")
-                time.sleep(0.05)
+    with contextlib.ExitStack() as stack:
         try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
-            fh.flush()
-            yield path
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            stack.enter_context(exclusive_lock(path, timeout))
+        except LockHeld as held:
+            raise RegistryError(f"registry lock {path} is still held after {timeout:g} s by {held}; "
+                                "retry when it is released") from None
+        yield path
