@@ -100,6 +100,17 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path):
         assert torch.equal(pa, pc), na
 
 
+def test_a_run_killed_after_its_last_checkpoint_still_returns_its_final_metrics(tmp_path):
+    """Killed between the final checkpoint and the stage's SUCCESS, the rerun resumes with no step left to run;
+    it used to return no metrics, so stages reported NaN losses for a finished training."""
+    model, get_batch, step_fn = _problem()
+    first = train(model, [{"params": model.parameters()}], get_batch, step_fn, _cfg(), tmp_path, progress=False)
+    model_b, get_batch_b, step_fn_b = _problem()
+    again = train(model_b, [{"params": model_b.parameters()}], get_batch_b, step_fn_b, _cfg(), tmp_path, progress=False)
+    assert again.resumed_from == again.step == first.step
+    assert again.metrics == first.metrics and "loss" in again.metrics
+
+
 def test_corrupt_checkpoint_is_reported_and_skipped(tmp_path):
     model, get_batch, step_fn = _problem()
     train(model, [{"params": model.parameters()}], get_batch, step_fn, _cfg(num_steps=8), tmp_path, progress=False)

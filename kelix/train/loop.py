@@ -186,7 +186,7 @@ def train(
         start = ckpt.step
 
     t0 = time.perf_counter()
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = dict(ckpt.meta.get("metrics") or {}) if ckpt is not None else {}
     stopped = False
     trained.train()
     bar = tqdm(total=cfg.num_steps, initial=start, desc=desc, disable=not (progress and main), dynamic_ncols=True, leave=False)
@@ -222,7 +222,9 @@ def train(
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         over_budget = _over_budget(cfg, t0)
         if step % cfg.checkpoint_every == 0 or step == cfg.num_steps or over_budget:
-            extra = {"desc": desc, "loss": metrics.get("loss")}
+            # The metrics too: a run killed after its last checkpoint resumes there with no step left to run,
+            # and must still return (and its stage report) what training ended at.
+            extra = {"desc": desc, "loss": metrics.get("loss"), "metrics": metrics}
             if info is not None:
                 distributed.save_dcp(ckpt_dir, step, trained, optimizer, extra=extra)
             else:
