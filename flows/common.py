@@ -45,6 +45,8 @@ class RunSettings(BaseModel):
     artifacts: str | None = Field(None, description="artifact store URI (default: $KELIX_ARTIFACTS or runtime.artifacts)")
     force: list[str] = Field(default_factory=list,
                              description="stages to start over even if finished, with the stages built on them ('all': every one)")
+    force_before: float | None = Field(None, description="with force: start over only what finished before this "
+                                       "Unix time (fixed when the run starts, so a retry keeps a forced stage that finished)")
     retries: int = Field(2, ge=0, description="retries of a stage after a transient failure")
     retry_delay: float = Field(10.0, ge=0, description="first retry delay in seconds; doubles each retry")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
@@ -57,6 +59,8 @@ class Context:
 
     def __init__(self, settings: RunSettings):
         self.settings = settings
+        # The moment `force` means: outputs finished after it (by this run, before a retry) are kept.
+        self.force_before = settings.force_before or time.time()
         self.cfg: KelixConfig = load_config(settings.preset, settings.params, settings.overrides)
         self.data_dir = Path(settings.data or self.cfg.data.root).resolve()
         artifacts = store_uri(settings.artifacts, self.cfg.runtime.artifacts)
@@ -159,16 +163,16 @@ def _short(metrics: dict[str, Any], n: int = 4) -> str:
 def stage_task(name: str, ctx: Context, parent_run_id: str) -> dict[str, Any]:
     """Run one stage unless its outputs for this key exist; every attempt logs into the stage's MLflow run."""
     from kelix.config import config_hash as chash
-    from kelix.stages import config_view, get_stage
+    from kelix.stages import config_view, get_stage, up_to_date
     from kelix.tracking import TAG_ERROR, TAG_SKIPPED, TAG_SOURCE_RUN
 
     log = get_run_logger()
     key = ctx.keys[name]
     tags = {**ctx.lineage_tags(), "kelix.stage_config_hash": chash(config_view(ctx.cfg, get_stage(name)))}
     t0 = time.perf_counter()
-    force = ctx.forced(name)
+    force = ctx.force_before if ctx.forced(name) else False
     first_attempt = task_run.run_count == 1  # only a retry can find this stage's run already there
-    if not force and ctx.store.is_current(name, key):
+    if up_to_date(ctx.store, name, key, force):
         metrics = dict((ctx.store.status(name, key) or {}).get("metrics") or {})
         run = ctx.tracker.stage_run(parent_run_id, name, key, {**tags, TAG_SKIPPED: "true"}, reuse=not first_attempt)
         source = ctx.tracker.source_run(name, key)

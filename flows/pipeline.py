@@ -24,6 +24,7 @@ from flows.evaluate import evaluate
 from flows.promote import promote
 from flows.report import prefect_location, publish_stages, publish_summary, summary_text
 from flows.train import train_dit, train_llm, train_tokenizer
+from kelix.stages import STAGES
 
 
 @flow(name="kelix-pipeline")
@@ -41,12 +42,16 @@ def kelix_pipeline(
     mlflow_uri: str | None = None,
     runner_options: dict[str, Any] | None = None,
     progress: bool = True,
+    force_before: float | None = None,
 ) -> dict[str, Any]:
-    """Train, evaluate and release a Kelix model; returns the run summary (also printed and published)."""
+    """Train, evaluate and release a Kelix model; returns the run summary (also printed and published).
+
+    `force_before`: what `force` redoes, as a Unix time (default: when this run starts)."""
     t0 = time.perf_counter()
     log = get_run_logger()
     settings = RunSettings(preset=preset, params=params, overrides=overrides or [], runner=runner, data=data,
-                           artifacts=artifacts, force=force or [], retries=retries, retry_delay=retry_delay,
+                           artifacts=artifacts, force=force or [], force_before=(force_before or time.time()) if force else None,
+                           retries=retries, retry_delay=retry_delay,
                            mlflow_uri=mlflow_uri, runner_options=runner_options or {}, progress=progress)
     ctx = Context(settings)  # a bad config fails here, before anything runs
     log.info("preset %s, runner %s, data %s, artifacts %s", ctx.cfg.preset, ctx.runner.kind, ctx.data_dir, ctx.artifacts)
@@ -90,8 +95,8 @@ def run_from_args(args: Any) -> int:
 
     try:
         # Resolve once up front so a bad config or runner is one clear line, not a failed flow run.
-        Context(RunSettings(preset=args.preset, params=args.params, overrides=args.overrides, runner=args.runner,
-                            data=args.data, artifacts=args.artifacts))
+        ctx = Context(RunSettings(preset=args.preset, params=args.params, overrides=args.overrides,
+                                  runner=args.runner, data=args.data, artifacts=args.artifacts))
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
     options: dict[str, Any] = {}
@@ -99,20 +104,35 @@ def run_from_args(args: Any) -> int:
         options["namespace"] = args.namespace
     if args.runner == "kubernetes" and args.schedule_timeout is not None:
         options["schedule_timeout"] = args.schedule_timeout or None
+    started = time.time()
     try:
         kelix_pipeline(preset=args.preset, params=args.params, overrides=args.overrides, runner=args.runner,
-                       data=args.data, artifacts=args.artifacts, force=args.force, release=not args.no_release,
-                       retries=args.retries, retry_delay=args.retry_delay, mlflow_uri=args.mlflow_uri,
-                       runner_options=options, progress=not args.no_progress)
+                       data=args.data, artifacts=args.artifacts, force=args.force, force_before=started,
+                       release=not args.no_release, retries=args.retries, retry_delay=args.retry_delay,
+                       mlflow_uri=args.mlflow_uri, runner_options=options, progress=not args.no_progress)
     except Exception as exc:  # noqa: BLE001 - Prefect has logged the traceback; say what to do next
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        # With --force, the same command would start the forced stages over again; without it, the stages built
-        # on them still rerun (their inputs changed) and the rest resume.
-        again = "the same command without --force" if args.force else "the same command"
         print(f"pipeline failed: {type(exc).__name__}: {first}\nFinished stages and the last checkpoints are kept: "
-              f"fix the cause and rerun {again} to resume.", file=sys.stderr)
+              f"fix the cause and rerun {_rerun_advice(ctx, args.force, started)} to resume.", file=sys.stderr)
         return 1
     return 0
+
+
+def _rerun_advice(ctx: Context, force: list[str], started: float) -> str:
+    """Which command resumes a failed run. Repeating --force would start over the forced stages this run
+    already finished; dropping it would skip the forced stages it had not reached yet (their old outputs still
+    count as finished). The stages built on a rerun stage rerun either way (their inputs changed)."""
+    if not force:
+        return "the same command"
+    try:
+        named = list(STAGES) if "all" in force else [n for n in force if n in STAGES]
+        pending = [n for n in named if not ctx.store.is_done(n, ctx.keys[n])
+                   or float((ctx.store.status(n, ctx.keys[n]) or {}).get("time") or 0) < started]
+    except Exception:  # noqa: BLE001 - advice only: never hide the failure behind a second one
+        return "the same command"
+    if not pending:
+        return "the same command without --force"
+    return f"the same command with --force {' --force '.join(pending)} only"
 
 
 def main(argv: list[str] | None = None) -> int:

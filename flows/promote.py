@@ -50,8 +50,10 @@ def register(ctx: Context, parent_run_id: str | None) -> tuple[str, bool]:
 
     log = get_run_logger()
     key = ctx.keys["eval"]
-    if not ctx.store.is_done("eval", key):
-        raise RuntimeError(f"the eval stage has not finished for key {key} in {ctx.store.uri}: "
+    if not ctx.store.is_current("eval", key):
+        stale = ctx.store.stale_inputs("eval", key) if ctx.store.is_done("eval", key) else []
+        why = f"was built on {', '.join(stale)} before they were rerun" if stale else "has not finished"
+        raise RuntimeError(f"the eval stage {why} for key {key} in {ctx.store.uri}: "
                            "run the evaluate flow (or `kelix pipeline run`) first")
     status = ctx.store.status("eval", key) or {}
     done_at = repr(status.get("time"))

@@ -67,15 +67,26 @@ class ArtifactStore:
         return bool(status and status.get("status") == SUCCESS)
 
     def stale_inputs(self, stage: str, key: str) -> list[str]:
-        """The input stages rerun since this stage's outputs were made from them.
+        """The inputs this stage's finished outputs no longer match: rerun since it read them, or stale
+        themselves (an input of theirs was rerun), so a change anywhere upstream reaches every stage below it.
 
         Keys hash config and data, not code, so a forced rerun of an upstream stage keeps its key; the SUCCESS
         marker therefore also records which run of each input it read (`input_runs`: the input marker's time).
-        Outputs marked before that was recorded have no record and count as current."""
+        A marker written before that was recorded counts an input finished after it as rerun."""
+        status = self.status(stage, key) or {}
+        runs = status.get("input_runs")
+        if runs is None:
+            runs = {dep: {"key": k, "time": None} for dep, k in (status.get("inputs") or {}).items()}
         stale = []
-        for dep, seen in ((self.status(stage, key) or {}).get("input_runs") or {}).items():
+        for dep, seen in runs.items():
             now = self.status(dep, seen["key"]) or {}
-            if now.get("status") != SUCCESS or now.get("time") != seen["time"]:
+            if now.get("status") != SUCCESS:
+                changed = True
+            elif seen["time"] is None:
+                changed = float(now.get("time") or 0) > float(status.get("time") or 0)
+            else:
+                changed = now.get("time") != seen["time"]
+            if changed or self.stale_inputs(dep, seen["key"]):
                 stale.append(dep)
         return stale
 

@@ -198,6 +198,35 @@ class StageBusy(RuntimeError):
     """Another process is running the same stage into the same folder (two would overwrite each other)."""
 
 
+# `force` is a point in time: True means "now", a float a Unix time. Outputs finished before it are redone, later
+# ones are kept, so a retry of a forced stage (a flow retry, a replaced pod) keeps what the forced run finished.
+Force = bool | float
+
+
+def force_cutoff(force: Force | None) -> float | None:
+    if force is True:
+        return time.time()
+    if force is False or force is None:
+        return None
+    return float(force)
+
+
+def force_args(force: Force | None) -> list[str]:
+    """The `kelix stage run` flags that carry `force` to a child process or pod."""
+    if force is True:
+        return ["--force"]
+    return [] if force_cutoff(force) is None else ["--force-before", repr(float(force))]
+
+
+def up_to_date(store: ArtifactStore, name: str, key: str, force: Force | None = None) -> bool:
+    """Finished, from the runs of its inputs in the store now, and not forced (finished before the cutoff)."""
+    status = store.status(name, key) or {}
+    if status.get("status") != SUCCESS or store.stale_inputs(name, key):
+        return False
+    cutoff = force_cutoff(force)
+    return cutoff is None or float(status.get("time") or 0) >= cutoff
+
+
 def resolve_device(spec: str | torch.device) -> torch.device:
     """`auto` (cuda when torch sees one, else cpu) or a device torch has here; anything else is a ValueError
     that says what to pass, not an assertion deep inside the first tensor move."""
@@ -222,10 +251,12 @@ def run_stage(
     cfg: KelixConfig,
     data_dir: str | Path,
     artifacts: str | None = None,
-    force: bool = False,
+    force: Force = False,
     progress: bool = True,
 ) -> StageResult:
-    """Run one stage unless its outputs for this key exist; resume it if a previous try crashed."""
+    """Run one stage unless its outputs for this key exist; resume it if a previous try crashed.
+
+    `force`: start a finished stage over (True), or only if it finished before that Unix time (a float)."""
     from kelix.train import distributed
 
     stage = get_stage(name)
@@ -235,6 +266,7 @@ def run_stage(
     keys = stage_keys(cfg, data_fingerprint(data_dir), [name])
     key = keys[name]
     t0 = time.perf_counter()
+    cutoff = force_cutoff(force)
     with contextlib.ExitStack() as stack:
         if main:
             try:
@@ -242,23 +274,23 @@ def run_stage(
             except LockHeld as held:
                 raise StageBusy(f"stage {name} [{key}] is already running from {store.local_dir(name, key)}: {held}. "
                                 "Wait for it to finish, or stop that process, then rerun") from None
-        return _run_stage(stage, cfg, data_dir, store, keys, force, progress, main, t0)
+        return _run_stage(stage, cfg, data_dir, store, keys, cutoff, progress, main, t0)
 
 
 def _run_stage(stage: Stage, cfg: KelixConfig, data_dir: Path, store: ArtifactStore, keys: dict[str, str],
-               force: bool, progress: bool, main: bool, t0: float) -> StageResult:
+               cutoff: float | None, progress: bool, main: bool, t0: float) -> StageResult:
     """`run_stage` once the stage's lock is held (by the main process; the other ranks follow it)."""
     from kelix.train import distributed
 
     name, key = stage.name, keys[stage.name]
     out_dir = store.local_dir(name, key)
-    done = store.is_done(name, key)
+    status = store.status(name, key) or {}
+    done = status.get("status") == SUCCESS
+    forced = done and cutoff is not None and float(status.get("time") or 0) < cutoff
     stale = store.stale_inputs(name, key) if done else []
-    if done and not force and not stale:
+    if done and not forced and not stale:
         out_dir = store.pull(name, key)
         return StageResult(name, key, out_dir, _read_metrics(out_dir), True, time.perf_counter() - t0)
-    if stale and main:
-        print(f"{name}: starting over, its inputs {', '.join(stale)} were rerun after it finished", file=sys.stderr)
 
     inputs, input_runs = {}, {}
     for dep in stage.inputs:
@@ -267,19 +299,30 @@ def _run_stage(stage: Stage, cfg: KelixConfig, data_dir: Path, store: ArtifactSt
                 f"stage {name} needs {dep} (key {keys[dep]}) which has not finished in {store.uri}: "
                 f"run `kelix stage run {dep}` first, or `kelix pipeline run`"
             )
+        upstream = store.stale_inputs(dep, keys[dep])
+        if upstream:
+            raise StageInputMissing(
+                f"stage {name} needs {dep} (key {keys[dep]}), whose inputs {', '.join(upstream)} were rerun after "
+                f"it finished: run `kelix stage run {dep}` first, or `kelix pipeline run`")
         input_runs[dep] = store.input_run(dep, keys[dep])
         inputs[dep] = store.pull(dep, keys[dep])
+    # An unfinished try (crashed or killed) resumes from its checkpoints only if they were trained on the same
+    # runs of its inputs; its RUNNING/FAILED marker says which.
+    moved = not done and status.get("input_runs") not in (None, input_runs)
+    if main and (stale or moved):
+        print(f"{name}: starting over, its inputs {', '.join(stale)} were rerun after it finished" if stale else
+              f"{name}: starting over, its inputs were rerun since its unfinished try", file=sys.stderr)
 
     # Forcing a finished stage, or one whose inputs were rerun, starts it over: its checkpoints would otherwise
     # resume it at its last step and redo nothing (keys hash config and data, not code, so a force usually
     # follows a code change). A forced try that crashed is not finished, so the next one resumes it instead of
     # starting over again. Every rank decides before the main process changes the store, and none reads a
     # checkpoint before it is cleared.
-    restart = done and (force or bool(stale))
+    restart = (done and (forced or bool(stale))) or moved
     distributed.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
     if main:
-        store.mark(name, key, RUNNING, inputs={d: keys[d] for d in stage.inputs})
+        store.mark(name, key, RUNNING, inputs={d: keys[d] for d in stage.inputs}, input_runs=input_runs)
         if restart:
             store.clear(name, key)
     distributed.barrier()
@@ -294,7 +337,8 @@ def _run_stage(stage: Stage, cfg: KelixConfig, data_dir: Path, store: ArtifactSt
         metrics = stage.function()(ctx) or {}
     except BaseException as exc:
         if main:
-            store.mark(name, key, FAILED, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:])
+            store.mark(name, key, FAILED, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:],
+                       input_runs=input_runs)
         raise
     if main:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
@@ -330,7 +374,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         # A child process or pod logs into the MLflow run its orchestrator opened (MLFLOW_RUN_ID).
         with stage_run_from_env():
-            result = run_stage(args.name, cfg, data_dir, args.artifacts, force=args.force)
+            force = args.force_before if args.force_before is not None else args.force
+            result = run_stage(args.name, cfg, data_dir, args.artifacts, force=force)
     except (KeyError, StageInputMissing, StageBusy, FileNotFoundError) as exc:
         raise UserError(str(exc).strip('"')) from exc
     state = "skipped (already done)" if result.skipped else f"done in {result.seconds:.1f}s"
@@ -379,6 +424,9 @@ def _add_commands(sub) -> None:
     run.add_argument("--artifacts", default=None, help="artifact store URI (default: $KELIX_ARTIFACTS or runtime.artifacts)")
     run.add_argument("--force", action="store_true",
                      help="start a finished stage over (its outputs and checkpoints are deleted); an unfinished one resumes")
+    run.add_argument("--force-before", type=float, default=None, metavar="UNIX_TIME",
+                     help="like --force, but only if the stage finished before this time (what the runners pass, so "
+                          "a retry keeps a forced stage that finished)")
     run.set_defaults(func=_cmd_run)
     lst = sub.add_parser("list", help="list the stages and what they read")
     lst.set_defaults(func=_cmd_list)

@@ -169,3 +169,15 @@ def test_a_failed_atomic_write_leaves_neither_a_file_nor_its_temporary(tmp_path)
     assert list(tmp_path.iterdir()) == []
     replace_atomically(target, lambda tmp: tmp.write_bytes(b"whole"))
     assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_marker_from_before_input_runs_counts_an_input_finished_after_it_as_rerun(tmp_path):
+    import time
+
+    store = ArtifactStore(tmp_path / "store")
+    store.mark("tokenizer-3", "t", SUCCESS)
+    store.mark("llm-1", "l", SUCCESS, inputs={"tokenizer-3": "t"})  # the old marker format: keys only
+    assert store.is_current("llm-1", "l")
+    time.sleep(0.01)
+    store.mark("tokenizer-3", "t", SUCCESS, note="forced rerun")
+    assert store.stale_inputs("llm-1", "l") == ["tokenizer-3"] and not store.is_current("llm-1", "l")

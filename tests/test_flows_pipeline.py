@@ -319,18 +319,32 @@ def test_cli_passes_the_schedule_timeout_to_the_kubernetes_runner(monkeypatch, g
     assert seen.get("schedule_timeout", "unset") == expected
 
 
-@pytest.mark.parametrize("force, advice", [([], "rerun the same command to resume"),
-                                           (["--force", "llm-2"], "rerun the same command without --force to resume")])
-def test_a_failed_run_says_how_to_resume(monkeypatch, capsys, tmp_path, force, advice):
-    """Repeating --force after a failure would start the forced stages over again."""
+@pytest.mark.parametrize("force, finished, advice", [
+    ([], [], "rerun the same command to resume"),
+    (["llm-1", "llm-2"], ["llm-1", "llm-2"], "rerun the same command without --force to resume"),
+    (["llm-1", "llm-2"], ["llm-1"], "rerun the same command with --force llm-2 only to resume"),
+])
+def test_a_failed_run_says_how_to_resume(monkeypatch, capsys, tiny_dataset, tmp_path, force, finished, advice):
+    """Repeating --force after a failure would start over the forced stages this run finished; dropping it would
+    skip those it had not reached (their old outputs count as finished)."""
     import flows.pipeline
+    from flows.common import Context, RunSettings
+    from kelix.artifacts import SUCCESS
     from kelix.cli import main
 
-    def fails(**_):
+    store = str(tmp_path / "a")
+    ctx = Context(RunSettings(artifacts=store, data=str(tiny_dataset)))
+    for name in force:  # finished before this run: the force is meant to redo them
+        ctx.store.mark(name, ctx.keys[name], SUCCESS)
+
+    def fails(**kw):
+        for name in finished:  # the forced stages this run got through before it failed
+            ctx.store.mark(name, ctx.keys[name], SUCCESS, note="forced rerun")
         raise RuntimeError("llm-3 ran out of memory")
 
     monkeypatch.setattr(flows.pipeline, "kelix_pipeline", fails)
-    assert main(["pipeline", "run", "--artifacts", str(tmp_path / "a"), "--data", str(tmp_path / "d"), *force]) == 1
+    flags = [a for name in force for a in ("--force", name)]
+    assert main(["pipeline", "run", "--artifacts", store, "--data", str(tiny_dataset), *flags]) == 1
     assert advice in capsys.readouterr().err
 
 

@@ -74,3 +74,59 @@ def test_a_second_process_on_a_running_stage_is_refused_naming_the_first(tmp_pat
             run_stage("tokenizer-1", cfg, tiny_dataset, str(store.local_root), progress=False)
     assert store.status("tokenizer-1", key) is None  # the refused run touched nothing
     assert not run_stage("tokenizer-1", cfg, tiny_dataset, str(store.local_root), progress=False).skipped
+
+
+def test_a_retry_of_a_forced_stage_keeps_what_the_forced_run_finished(tmp_path, tiny_dataset):
+    """The flows and runners pass `force` as the moment the run started: a retry after the forced run marked
+    SUCCESS (a child killed after it, a replaced pod with --force baked in) must not wipe and retrain it."""
+    import time
+
+    from kelix.config import load_config
+    from kelix.stages import force_args, run_stage, up_to_date
+
+    cfg = load_config("tiny", overrides=[*SMALL, "tokenizer.train1.num_steps=4"])
+    store = str(tmp_path / "store")
+    run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
+    started = time.time()
+    forced = run_stage("tokenizer-1", cfg, tiny_dataset, store, force=started, progress=False)
+    assert not forced.skipped and forced.metrics["resumed_from_step"] == 0
+    assert run_stage("tokenizer-1", cfg, tiny_dataset, store, force=started, progress=False).skipped
+    assert up_to_date(ArtifactStore(store), "tokenizer-1", forced.key, started)
+    assert not up_to_date(ArtifactStore(store), "tokenizer-1", forced.key, True)
+    assert force_args(started) == ["--force-before", repr(started)] and force_args(True) == ["--force"]
+    assert force_args(False) == []
+
+
+def test_an_unfinished_try_whose_input_was_rerun_starts_over(tmp_path, tiny_dataset):
+    """tokenizer-2 crashed with checkpoints trained on the old tokenizer-1; tokenizer-1 is then forced. Resuming
+    those checkpoints would finish a stage built on two different inputs and mark it current."""
+    from kelix.config import load_config
+    from kelix.stages import run_stage
+
+    cfg = load_config("tiny", overrides=SMALL)
+    store = ArtifactStore(tmp_path / "store")
+    run_stage("tokenizer-1", cfg, tiny_dataset, str(store.local_root), progress=False)
+    second = run_stage("tokenizer-2", cfg, tiny_dataset, str(store.local_root), progress=False)
+    runs = store.status("tokenizer-2", second.key)["input_runs"]
+    store.mark("tokenizer-2", second.key, FAILED, error="killed", input_runs=runs)  # as a crashed try leaves it
+    run_stage("tokenizer-1", cfg, tiny_dataset, str(store.local_root), force=True, progress=False)
+    again = run_stage("tokenizer-2", cfg, tiny_dataset, str(store.local_root), progress=False)
+    assert again.metrics["resumed_from_step"] == 0 and store.is_current("tokenizer-2", second.key)
+
+
+def test_a_stage_refuses_an_input_that_is_itself_stale(tmp_path, tiny_dataset):
+    """Staleness reaches every stage below a rerun one: tokenizer-3 is stale after tokenizer-1 is forced, even
+    though tokenizer-2 (its direct input) has not rerun yet, and llm-1 must not train on it."""
+    import pytest
+
+    from kelix.config import load_config
+    from kelix.stages import StageInputMissing, run_stage
+
+    cfg = load_config("tiny", overrides=SMALL)
+    store = ArtifactStore(tmp_path / "store")
+    results = {n: run_stage(n, cfg, tiny_dataset, str(store.local_root), progress=False)
+               for n in ("tokenizer-1", "tokenizer-2", "tokenizer-3")}
+    run_stage("tokenizer-1", cfg, tiny_dataset, str(store.local_root), force=True, progress=False)
+    assert store.stale_inputs("tokenizer-3", results["tokenizer-3"].key) == ["tokenizer-2"]
+    with pytest.raises(StageInputMissing, match="needs tokenizer-3 .*whose inputs tokenizer-2 were rerun after it"):
+        run_stage("llm-1", cfg, tiny_dataset, str(store.local_root), progress=False)

@@ -40,20 +40,22 @@ class SubprocessRunner:
         self.timeout = timeout
 
     def command(self, name: str, cfg: "KelixConfig", params_file: Path, data_dir: str | Path, artifacts: str,
-                force: bool) -> list[str]:
+                force: bool | float) -> list[str]:
         cmd = [self.python, "-m", self.module, "run", name, "--preset", cfg.preset, "--params", str(params_file),
                "--data", str(data_dir), "--artifacts", artifacts]
-        return cmd + (["--force"] if force else [])
+        from kelix.stages import force_args
 
-    def run(self, name: str, cfg: "KelixConfig", data_dir: str | Path, artifacts: str, *, force: bool = False,
+        return cmd + force_args(force)
+
+    def run(self, name: str, cfg: "KelixConfig", data_dir: str | Path, artifacts: str, *, force: bool | float = False,
             tracking: "StageRun | None" = None) -> "StageResult":
         from kelix.artifacts import ArtifactStore
-        from kelix.stages import data_fingerprint, stage_keys
+        from kelix.stages import data_fingerprint, stage_keys, up_to_date
 
         store = ArtifactStore(artifacts)
         keys = stage_keys(cfg, data_fingerprint(data_dir), [name])
         key = keys[name]
-        if not force and store.is_current(name, key):
+        if up_to_date(store, name, key, force):
             return skipped_result(store, name, key)
         check_inputs(name, store, keys)
         log = stage_logger()
