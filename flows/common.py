@@ -198,7 +198,7 @@ def stage_task(name: str, ctx: Context, parent_run_id: str) -> dict[str, Any]:
         # MLflow failed during the stage, here or in the child (or a pod could not reach it): replay the metrics file.
         text = ctx.store.read_text(name, key, "metrics.jsonl")
         if text:
-            run.replay_jsonl(text)
+            run.replay_jsonl(text, after_logged=True)
     run.set_tags({TAG_SKIPPED: str(result.skipped).lower()})
     run.log_final(result.metrics)
     run.finish()

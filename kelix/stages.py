@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import importlib
 import json
@@ -198,6 +199,9 @@ class StageBusy(RuntimeError):
     """Another process is running the same stage into the same folder (two would overwrite each other)."""
 
 
+# Errors that say the filesystem cannot hold a lock here at all (as opposed to "someone holds it").
+_NO_LOCKING = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EROFS, errno.EACCES, errno.EPERM)
+
 # `force` is a point in time: True means "now", a float a Unix time. Outputs finished before it are redone, later
 # ones are kept, so a retry of a forced stage (a flow retry, a replaced pod) keeps what the forced run finished.
 Force = bool | float
@@ -274,6 +278,13 @@ def run_stage(
             except LockHeld as held:
                 raise StageBusy(f"stage {name} [{key}] is already running from {store.local_dir(name, key)}: {held}. "
                                 "Wait for it to finish, or stop that process, then rerun") from None
+            except OSError as exc:
+                if exc.errno not in _NO_LOCKING:
+                    raise
+                # A volume without flock (some NFS/Lustre mounts, FUSE) or a read-only store: run unguarded
+                # rather than not at all; the guard only matters when two runs of one stage overlap.
+                print(f"warning: cannot lock {store.local_dir(name, key)} ({exc.strerror}); running without the "
+                      "guard against a second run of this stage", file=sys.stderr)
         return _run_stage(stage, cfg, data_dir, store, keys, cutoff, progress, main, t0)
 
 

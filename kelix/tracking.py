@@ -261,22 +261,36 @@ class StageRun:
     def child_logged(self) -> bool:
         return self.tracker.client.get_run(self.run_id).data.tags.get(TAG_CHILD_LOGGED) == "true"
 
-    def replay_jsonl(self, text: str) -> int:
-        """Log a stage's metrics.jsonl (one `{"step": n, name: value}` per line) into this run."""
+    def replay_jsonl(self, text: str, after_logged: bool = False) -> int:
+        """Log a stage's metrics.jsonl (one `{"step": n, name: value}` per line) into this run.
+
+        `after_logged`: only the steps after the last one the run already has (the child logged until MLflow
+        went away), so the points logged before an outage do not appear twice."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        last = self._last_logged_step() if after_logged else None
         batch: list[Metric] = []
         for line in text.splitlines():
             if not line.strip():
                 continue
             record = json.loads(line)
             step = int(record.pop("step", 0))
+            if last is not None and step <= last:
+                continue
             batch += [Metric(_metric_key(k), float(v), now, step) for k, v in record.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for i in range(0, len(batch), 1000):
             self.tracker.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
         return len(batch)
+
+    def _last_logged_step(self) -> int | None:
+        client = self.tracker.client
+        names = [k for k in client.get_run(self.run_id).data.metrics if not k.startswith("final/")]
+        if not names:
+            return None
+        name = "loss" if "loss" in names else names[0]
+        return max((m.step for m in client.get_metric_history(self.run_id, name)), default=None)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.tracker.client.set_terminated(self.run_id, status)
@@ -307,12 +321,12 @@ def stage_run_from_env() -> Iterator[Any]:
         return
     try:
         run = mlflow.start_run(run_id=run_id, nested=active is not None)
-        mlflow.set_tag("kelix.host", socket.gethostname())
     except Exception as exc:  # noqa: BLE001 - MLflow unreachable from here: train anyway, the orchestrator replays
         print(f"warning: cannot open MLflow run {run_id} ({type(exc).__name__}); the stage runs without it and "
               "the orchestrator replays metrics.jsonl", file=sys.stderr)
         yield None
         return
+    _quietly(lambda: mlflow.set_tag("kelix.host", socket.gethostname()))
     try:
         yield run
     except SystemExit as exc:

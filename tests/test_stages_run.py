@@ -130,3 +130,20 @@ def test_a_stage_refuses_an_input_that_is_itself_stale(tmp_path, tiny_dataset):
     assert store.stale_inputs("tokenizer-3", results["tokenizer-3"].key) == ["tokenizer-2"]
     with pytest.raises(StageInputMissing, match="needs tokenizer-3 .*whose inputs tokenizer-2 were rerun after it"):
         run_stage("llm-1", cfg, tiny_dataset, str(store.local_root), progress=False)
+
+
+def test_a_volume_that_cannot_lock_runs_the_stage_unguarded_with_a_warning(tmp_path, tiny_dataset, monkeypatch, capsys):
+    import errno
+
+    import kelix.stages
+    from kelix.config import load_config
+    from kelix.stages import run_stage
+
+    def no_flock(path, timeout=0.0):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(kelix.stages, "exclusive_lock", no_flock)
+    cfg = load_config("tiny", overrides=SMALL)
+    assert not run_stage("tokenizer-1", cfg, tiny_dataset, str(tmp_path / "store"), progress=False).skipped
+    err = capsys.readouterr().err
+    assert "cannot lock" in err and "(No locks available); running without the guard" in err

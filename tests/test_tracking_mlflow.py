@@ -152,3 +152,11 @@ def test_a_child_keeps_training_when_the_mlflow_server_goes_away(tmp_path, monke
     stored = MlflowClient(f"sqlite:///{tmp_path / 'mlflow-server.db'}")
     assert [m.step for m in stored.get_metric_history(run.run_id, "loss")] == [1]
     assert TAG_CHILD_LOGGED not in stored.get_run(run.run_id).data.tags  # so the orchestrator replays the file
+
+    # The orchestrator's replay, once MLflow is back, adds only what the outage lost: no step twice.
+    replaying = Tracker(f"sqlite:///{tmp_path / 'mlflow-server.db'}")
+    from kelix.tracking import StageRun
+
+    again = StageRun(run.run_id, parent, replaying.uri, replaying.experiment_id, replaying)
+    assert again.replay_jsonl((tmp_path / "metrics.jsonl").read_text(), after_logged=True) == 2
+    assert [m.step for m in stored.get_metric_history(run.run_id, "loss")] == [1, 2, 3]
