@@ -163,7 +163,8 @@ def _short(metrics: dict[str, Any], n: int = 4) -> str:
 def stage_task(name: str, ctx: Context, parent_run_id: str) -> dict[str, Any]:
     """Run one stage unless its outputs for this key exist; every attempt logs into the stage's MLflow run."""
     from kelix.config import config_hash as chash
-    from kelix.stages import config_view, get_stage, up_to_date
+    from kelix.rerun import up_to_date
+    from kelix.stages import config_view, get_stage
     from kelix.tracking import TAG_ERROR, TAG_SKIPPED, TAG_SOURCE_RUN
 
     log = get_run_logger()

@@ -29,6 +29,7 @@ import torch
 
 from kelix.artifacts import FAILED, LOCK_FILE, RUNNING, SUCCESS, ArtifactStore, store_uri
 from kelix.files import LockHeld, exclusive_lock
+from kelix.rerun import Force, force_cutoff
 from kelix.config import KelixConfig, config_hash
 from kelix.runtime_config import Resources
 from kelix.train.metrics import MetricLogger
@@ -202,33 +203,6 @@ class StageBusy(RuntimeError):
 # Errors that say the filesystem cannot hold a lock here at all (as opposed to "someone holds it").
 _NO_LOCKING = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EROFS, errno.EACCES, errno.EPERM)
 
-# `force` is a point in time: True means "now", a float a Unix time. Outputs finished before it are redone, later
-# ones are kept, so a retry of a forced stage (a flow retry, a replaced pod) keeps what the forced run finished.
-Force = bool | float
-
-
-def force_cutoff(force: Force | None) -> float | None:
-    if force is True:
-        return time.time()
-    if force is False or force is None:
-        return None
-    return float(force)
-
-
-def force_args(force: Force | None) -> list[str]:
-    """The `kelix stage run` flags that carry `force` to a child process or pod."""
-    if force is True:
-        return ["--force"]
-    return [] if force_cutoff(force) is None else ["--force-before", repr(float(force))]
-
-
-def up_to_date(store: ArtifactStore, name: str, key: str, force: Force | None = None) -> bool:
-    """Finished, from the runs of its inputs in the store now, and not forced (finished before the cutoff)."""
-    status = store.status(name, key) or {}
-    if status.get("status") != SUCCESS or store.stale_inputs(name, key):
-        return False
-    cutoff = force_cutoff(force)
-    return cutoff is None or float(status.get("time") or 0) >= cutoff
 
 
 def resolve_device(spec: str | torch.device) -> torch.device:

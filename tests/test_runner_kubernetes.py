@@ -27,7 +27,7 @@ from kelix.artifacts import ArtifactStore
 from kelix.config import load_config
 from kelix.runners import (ImagePullError, StageConfigError, StageDeadlineExceeded, StageFailed, StageOOMKilled,
                            TransientStageError, is_transient)
-from kelix.runners.kubernetes import COMPLETION_INDEX, KubernetesRunner, StageStartTimeout
+from kelix.runners.kubernetes import COMPLETION_INDEX, KubernetesRunner, StageJobConflict, StageStartTimeout
 from kelix.runners.manifests import DATA_STAGE, LABEL_JOB, PARAMS_ENV
 
 BUCKET = "kelix-test"
@@ -59,20 +59,31 @@ def kube():
     import kmock
     import kubernetes
 
-    logs: dict[str, str] = {}
+    logs: dict[str, str | Callable] = {}
     state: dict = {}
     ready = threading.Event()
+
+    class Emulator(kmock.KubernetesEmulator):
+        async def _handle(self, request):
+            # The API server gives each new object a uid (kmock does not): owner references name it.
+            if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+                request.data.setdefault("metadata", {}).setdefault("uid", str(uuid.uuid4()))
+            return await super()._handle(request)
+
+    def serve_log(req) -> bytes:
+        log = logs.get(req.name, "")
+        return _as_kubelet(log(req) if callable(log) else log, req.params).encode()
 
     def serve() -> None:
         async def main() -> None:
             state["stop"] = asyncio.Event()
-            async with kmock.KubernetesEmulator() as emu, kmock.Server(emu) as srv:
+            async with Emulator() as emu, kmock.Server(emu) as srv:
                 # Declared, so listing them before the first object exists is an empty list, as on a cluster.
                 for resource in ("batch/v1/jobs", "v1/pods", "v1/services"):
                     emu.resources[resource] = {}
-                # The emulator stores objects but has no kubelet: pod logs come from this dict.
-                emu["get", kmock.resource("v1/pods"), kmock.subresource("log")] << (
-                    lambda req: logs.get(req.name, "").encode())
+                # The emulator stores objects but has no kubelet: pod logs come from this dict, as text or as
+                # fn(request) -> text (to change between requests).
+                emu["get", kmock.resource("v1/pods"), kmock.subresource("log")] << serve_log
                 state.update(url=str(srv.url).rstrip("/"), loop=asyncio.get_running_loop(), emu=emu)
                 ready.set()
                 await state["stop"].wait()
@@ -101,6 +112,18 @@ def kube():
     yield {"api": kubernetes.client.ApiClient(conf), "logs": logs, "on_server": on_server}
     state["loop"].call_soon_threadsafe(state["stop"].set)
     thread.join(10)
+
+
+def _as_kubelet(log: str, params: dict[str, str]) -> str:
+    """A pod's log as the kubelet serves it: with timestamps=true each line starts with its time (here line i
+    was written i nanoseconds after midnight, so the times stay the same across requests); tailLines=N gives
+    the last N lines. sinceSeconds is not honoured: the runner must skip what it has already seen."""
+    lines = log.splitlines(keepends=True)
+    if params.get("timestamps", "").lower() == "true":
+        lines = [f"2026-01-01T00:00:00.{i:09d}Z {line}" for i, line in enumerate(lines)]
+    if params.get("tailLines"):
+        lines = lines[-int(params["tailLines"]):]
+    return "".join(lines)
 
 
 @pytest.fixture(scope="module")
@@ -164,17 +187,32 @@ class Cluster:
             jobs = json.loads(self.batch.list_namespaced_job(self.namespace, _preload_content=False).data)["items"]
             live = [j for j in jobs if not (j.get("status") or {}).get("conditions")]
             if live:
-                return self._with_uid(live[-1])
+                return live[-1]
             time.sleep(0.1)
         raise AssertionError("the runner created no job")
 
-    def _with_uid(self, job: dict) -> dict:
-        """The API server gives each Job a uid (kmock does not): its pods name it in their ownerReferences."""
-        if not job["metadata"].get("uid"):
-            job["metadata"]["uid"] = str(uuid.uuid4())
-            self.batch.patch_namespaced_job(job["metadata"]["name"], self.namespace,
-                                            {"metadata": {"uid": job["metadata"]["uid"]}})
-        return job
+    def services(self) -> list[dict]:
+        return json.loads(self.core.list_namespaced_service(self.namespace, _preload_content=False).data)["items"]
+
+    def collect_garbage(self) -> None:
+        """Play the garbage collector (kmock has none): delete the Services whose owner Jobs are gone."""
+        jobs = json.loads(self.batch.list_namespaced_job(self.namespace, _preload_content=False).data)["items"]
+        uids = {j["metadata"].get("uid") for j in jobs}
+        for service in self.services():
+            owners = {r.get("uid") for r in service["metadata"].get("ownerReferences") or []}
+            if owners and not owners & uids:
+                self.core.delete_namespaced_service(service["metadata"]["name"], self.namespace)
+
+    def service_owned_by(self, job: dict, timeout: float = 10) -> dict:
+        """The Service of `job`, once the runner has made one that this Job owns."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for service in self.services():
+                owners = {r.get("uid") for r in service["metadata"].get("ownerReferences") or []}
+                if service["metadata"]["name"] == job["metadata"]["name"] and job["metadata"]["uid"] in owners:
+                    return service
+            time.sleep(0.1)
+        raise AssertionError(f"no service owned by job {job['metadata']['name']} ({job['metadata']['uid']})")
 
     def pod(self, job: dict, suffix: str, status: dict, log: str = "", **meta) -> str:
         """A pod of `job` as its controller makes it (owned by the Job's uid, created now); `meta` overrides."""
@@ -636,13 +674,34 @@ def test_a_409_takes_only_a_live_object_this_job_owns(env):
 # pods that never start, stuck deletions, replaced and foreign pods
 
 
-def _existing_job(env, runner: KubernetesRunner, *, uid: str, **meta) -> dict:
-    """The stage's Job as an earlier run left it (with a uid, as the API server gives), created directly."""
+def _stage_objs(env, runner: KubernetesRunner, cfg=None) -> list[dict]:
+    """The Job (and Service) `runner` would make for tokenizer-1 with env's data and artifact store."""
+    cfg = cfg or env["cfg"]
     store = ArtifactStore(env["artifacts"])
     fingerprint = stages.data_fingerprint(env["data"])
-    key = stages.stage_keys(env["cfg"], fingerprint, ["tokenizer-1"])["tokenizer-1"]
+    key = stages.stage_keys(cfg, fingerprint, ["tokenizer-1"])["tokenizer-1"]
     store.publish(DATA_STAGE, fingerprint, env["data"])
-    job = runner.manifests("tokenizer-1", env["cfg"], key, env["artifacts"], data_key=fingerprint)[0]
+    return runner.manifests("tokenizer-1", cfg, key, env["artifacts"], data_key=fingerprint)
+
+
+def test_a_forced_retry_attaches_to_the_job_its_own_run_started(env, runner_log):
+    """The flow passes `force` as the moment the run started. A retry (after an API blip) of a forced stage must
+    follow the Job that run already started, not delete it and start the training over."""
+    runner = _runner(env)
+    started = time.time() - 60  # the run started a minute ago; its Job was created after that
+    _existing_job(env, runner, uid="this-runs",
+                  creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started + 30)))
+    _play_finished_job(env, "f7")
+    result = runner.run("tokenizer-1", env["cfg"], env["data"], env["artifacts"], force=started)
+    env["cluster"].join()
+    assert not result.skipped
+    assert any(line.startswith("attaching to running job") for line in runner_log)
+    assert not any(line.startswith("replacing") for line in runner_log)
+
+
+def _existing_job(env, runner: KubernetesRunner, *, uid: str, cfg=None, **meta) -> dict:
+    """The stage's Job as an earlier run left it (with a uid, as the API server gives), created directly."""
+    job = _stage_objs(env, runner, cfg)[0]
     job["metadata"].update(uid=uid, **meta)
     env["cluster"].batch.create_namespaced_job(env["namespace"], job)
     return job
@@ -804,3 +863,151 @@ def test_an_earlier_jobs_oom_is_not_taken_for_this_jobs_failure(env, runner_log)
         _run(env, runner)
     env["cluster"].join()
     assert type(info.value) is StageFailed
+
+
+# ---------------------------------------------------------------------------------------------- another run's
+# Job of the same name, dropped log streams, stale rendezvous Services
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["attach", "force"])
+def test_a_live_job_of_another_run_is_neither_followed_nor_deleted(env, runner_log, force):
+    """Runs of one stage and key into two artifact stores get Jobs of one name (stage + key[:10]). The second
+    must not follow the first's Job (its outputs go to the other store) nor, even with force, delete it."""
+    runner = _runner(env, timeout=5)  # had it attached, it would wait (in vain) this long
+    theirs = _existing_job(env, runner, uid="their-uid")  # the first user's run, still going
+    mine = f"s3://{BUCKET}/{env['namespace']}-other-user"
+    with pytest.raises(StageJobConflict) as info:
+        runner.run("tokenizer-1", env["cfg"], env["data"], mine, force=force)
+    name, ns = theirs["metadata"]["name"], env["namespace"]
+    message = str(info.value)
+    assert f"job {ns}/{name} already exists and runs other work" in message
+    assert f"for artifacts {env['artifacts']}," in message and f"this run wants artifacts {mine}," in message
+    assert f"kubectl delete job -n {ns} {name}" in message and "runtime.namespace" in message
+    assert not is_transient(info.value) and info.value.stage == "tokenizer-1"
+    assert not _gone(env, theirs)
+    assert not any(line.startswith(("attaching", "replacing")) for line in runner_log)
+
+
+def test_a_dropped_log_stream_is_resumed_without_repeating_lines(env, runner_log):
+    requests: list[dict] = []
+
+    def log(req) -> str:  # the first stream drops after two lines; the pod goes on logging
+        requests.append(dict(req.params))
+        return "step 1\nstep 2\n" if len(requests) == 1 else "step 1\nstep 2\nstep 3\n"
+
+    def scenario(c: Cluster) -> None:
+        job = c.job()
+        pod = c.pod(job, "t1", _running(), log=log)
+        try:
+            _wait_for(lambda: any(line.endswith(f"{pod}] step 3") for line in list(runner_log)), timeout=10)
+        finally:
+            c.act_as_pod(job)
+            c.conclude(job, ok=True)
+
+    env["cluster"].play(scenario)
+    _run(env)
+    env["cluster"].join()
+    for step in (1, 2, 3):
+        assert len([line for line in runner_log if line.endswith(f"] step {step}")]) == 1, step
+    assert requests[0]["timestamps"] == "true" and "sinceSeconds" not in requests[0]
+    assert int(requests[1]["sinceSeconds"]) > 0  # only the last while, not the whole log again
+
+
+def test_log_stream_reconnects_are_bounded(env, runner_log):
+    requests: list[dict] = []
+
+    def log(req) -> str:  # every stream ends at once, though the pod runs on
+        requests.append(dict(req.params))
+        return "epoch 1\n"
+
+    def scenario(c: Cluster) -> None:
+        job = c.job()
+        pod = c.pod(job, "v1", _running(), log=log)
+        try:
+            _wait_for(lambda: any("no longer following" in line for line in list(runner_log)), timeout=10)
+            time.sleep(0.5)  # a few more polls: no more reconnects
+        finally:
+            c.act_as_pod(job)
+            c.conclude(job, ok=True)
+        seen["pod"] = pod
+
+    seen: dict = {}
+    env["cluster"].play(scenario)
+    _run(env, _runner(env, log_resumes=2))
+    env["cluster"].join()
+    assert len(requests) == 3  # the first stream and two reconnects
+    warning = next(line for line in runner_log if "no longer following" in line)
+    assert f"kubectl logs -f -n {env['namespace']} {seen['pod']}" in warning
+    assert len([line for line in runner_log if line.endswith("] epoch 1")]) == 1
+
+
+def test_a_failed_pods_log_is_read_when_its_stream_gave_nothing(env):
+    def log(req) -> str:  # the follow stream drops before a line; a plain read still works
+        return "" if req.params.get("follow") == "true" else "Traceback (most recent call last):\nKeyError: 'lr'\n"
+
+    _play_failed_job(env, "u1", "Error", 1, log=log)
+    with pytest.raises(StageFailed) as info:
+        _run(env)
+    env["cluster"].join()
+    assert "KeyError: 'lr'" in str(info.value) and "KeyError: 'lr'" in info.value.logs
+
+
+def _multi_node_cfg():
+    return load_config("tiny", overrides=['runtime.resources={"tokenizer-1": {"gpus": 2, "num_nodes": 2}}'])
+
+
+def _play_multi_node_job(env, seen: dict, before: Callable[[Cluster, dict], None] = lambda c, job: None) -> None:
+    """Play a two-node Job that runs only once the runner made a Service this Job owns (seen["service"])."""
+    def scenario(c: Cluster) -> None:
+        job = seen["job"] = c.job()
+        before(c, job)
+        seen["service"] = c.service_owned_by(job)
+        c.act_as_pod(job)
+        for index in range(2):
+            c.pod(job, str(index), _terminated("Completed", 0), annotations={COMPLETION_INDEX: str(index)})
+        c.conclude(job, ok=True)
+
+    env["cluster"].play(scenario)
+
+
+def test_a_stale_rendezvous_service_gives_way_to_one_this_job_owns(env, runner_log):
+    """An earlier same-named Job's Service outlives it (its owner reference does not block the Job's deletion)
+    until the garbage collector removes it: the new Job must still get its own, not a raw 409."""
+    runner, cfg = _runner(env), _multi_node_cfg()
+    stale = _stage_objs(env, runner, cfg)[1]
+    stale["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job",
+                                             "name": stale["metadata"]["name"], "uid": "earlier-uid"}]
+    env["cluster"].core.create_namespaced_service(env["namespace"], stale)
+
+    def collect_later(c: Cluster, job: dict) -> None:
+        _wait_for(lambda: any(line.startswith("waiting for the service") for line in list(runner_log)))
+        c.collect_garbage()
+
+    seen: dict = {}
+    _play_multi_node_job(env, seen, before=collect_later)
+    result = _run(env, runner, cfg=cfg)
+    env["cluster"].join()
+    assert not result.skipped
+    owners = [r["uid"] for r in seen["service"]["metadata"]["ownerReferences"]]
+    assert owners == [seen["job"]["metadata"]["uid"]] and owners != ["earlier-uid"]
+
+
+def test_a_stale_service_that_stays_is_a_transient_error_saying_what_to_delete(env):
+    runner, cfg = _runner(env, delete_timeout=1), _multi_node_cfg()
+    stale = _stage_objs(env, runner, cfg)[1]  # no owner: the garbage collector never removes it
+    env["cluster"].core.create_namespaced_service(env["namespace"], stale)
+    name, ns = stale["metadata"]["name"], env["namespace"]
+    with pytest.raises(TransientStageError, match=rf"kubectl delete service -n {ns} {name}") as info:
+        _run(env, runner, cfg=cfg)
+    assert is_transient(info.value) and info.value.stage == "tokenizer-1"
+
+
+def test_attaching_to_a_multi_node_job_creates_its_missing_service(env, runner_log):
+    runner, cfg = _runner(env), _multi_node_cfg()
+    _existing_job(env, runner, uid="this-uid", cfg=cfg)  # its Service is gone (or was never made)
+    seen: dict = {}
+    _play_multi_node_job(env, seen)
+    result = _run(env, runner, cfg=cfg)
+    env["cluster"].join()
+    assert not result.skipped and any(line.startswith("attaching to running job") for line in runner_log)
+    assert [r["uid"] for r in seen["service"]["metadata"]["ownerReferences"]] == ["this-uid"]

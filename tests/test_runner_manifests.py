@@ -116,3 +116,34 @@ def test_an_explicit_image_pull_policy_wins():
 
     _, objs = _objs("tiny", "tokenizer-1", options=JobOptions(image_pull_policy="IfNotPresent"))
     assert _container(objs[0])["imagePullPolicy"] == "IfNotPresent"  # the default image is ":latest"
+
+
+def test_the_job_names_its_work_so_a_run_attaches_only_to_its_own():
+    """The name is only stage + key[:10]; the annotation tells apart Jobs of one name doing different work."""
+    from kelix.runners.manifests import ANNOTATION_ARTIFACTS, ANNOTATION_STARTED_BY, ANNOTATION_WORK
+
+    cfg = load_config("tiny")
+    runner = KubernetesRunner()
+
+    def work(artifacts="s3://a/run", data_key="fp1", image=None, env=None):
+        c = load_config("tiny", overrides=[f"runtime.image={image}"]) if image else cfg
+        job = runner.manifests("tokenizer-1", c, KEY, artifacts, data_key=data_key, env=env)[0]
+        return job["metadata"]["annotations"]
+
+    same = work()
+    assert same[ANNOTATION_WORK] == work()[ANNOTATION_WORK] and same[ANNOTATION_ARTIFACTS] == "s3://a/run"
+    assert "@" in same[ANNOTATION_STARTED_BY]  # user@host: whom to ask about a Job found running
+    # A restarted orchestrator's run logs to another MLflow run: the same work, so it attaches.
+    assert work(env={"MLFLOW_RUN_ID": "r2"})[ANNOTATION_WORK] == same[ANNOTATION_WORK]
+    others = [work(artifacts="s3://b/run"), work(data_key="fp2"), work(image="registry.local/kelix:2")]
+    assert len({same[ANNOTATION_WORK], *(o[ANNOTATION_WORK] for o in others)}) == 4
+
+
+@pytest.mark.parametrize("force, flags", [(False, ""), (True, " --force"), (1767225600.25, " --force-before 1767225600.25")])
+def test_force_reaches_the_pod_as_the_moment_the_run_started(force, flags):
+    """A replaced pod runs the same command again: `--force-before T` keeps what a forced run already finished,
+    where a bare `--force` would wipe it and train again."""
+    cfg = load_config("tiny")
+    job = KubernetesRunner().manifests("tokenizer-1", cfg, KEY, "s3://kelix-artifacts/run", data_key="fp1234",
+                                       force=force)[0]
+    assert _container(job)["command"][2].rstrip().endswith("--artifacts s3://kelix-artifacts/run" + flags)

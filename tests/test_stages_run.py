@@ -82,7 +82,8 @@ def test_a_retry_of_a_forced_stage_keeps_what_the_forced_run_finished(tmp_path, 
     import time
 
     from kelix.config import load_config
-    from kelix.stages import force_args, run_stage, up_to_date
+    from kelix.rerun import force_args, up_to_date
+    from kelix.stages import run_stage
 
     cfg = load_config("tiny", overrides=[*SMALL, "tokenizer.train1.num_steps=4"])
     store = str(tmp_path / "store")

@@ -1,9 +1,10 @@
 """The Kubernetes runner: one training stage = one Job (an Indexed Job across nodes), followed to the end.
 
 It publishes the dataset into the artifact store (once per content fingerprint) so any pod can fetch it,
-starts the Job built by `manifests.py` (or attaches to the one a previous orchestrator left running), polls
-it, streams its pods' logs into the flow's log, and turns the ways a Job ends into errors a person can act
-on: OOMKilled, an image that cannot be pulled, a missing Secret, a deadline, a pod that never starts, and
+starts the Job built by `manifests.py` (or attaches to the one a previous orchestrator left running for the
+same work; another run's Job of the same name is left alone, with an error), polls it, streams its pods'
+logs into the flow's log (reconnecting a dropped stream), and turns the ways a Job ends into errors a person
+can act on: OOMKilled, an image that cannot be pulled, a missing Secret, a deadline, a pod that never starts, and
 eviction or preemption, which raise `TransientStageError` so the flow's retry reruns the stage and it resumes
 from its checkpoint on the shared volume. A cancelled run deletes its Job. Stage outputs stay in the (remote)
 artifact store; nothing large is downloaded here.
@@ -12,13 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import json
+import re
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from kelix.rerun import force_cutoff, up_to_date
 from kelix.runners import manifests
 from kelix.runners.base import (ImagePullError, StageConfigError, StageDeadlineExceeded, StageFailed, StageOOMKilled,
                                 TransientStageError, check_inputs, finished_result, is_transient, marker_error,
@@ -34,6 +38,10 @@ CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError"}
 DISRUPTION_REASONS = {"Evicted", "Preempting", "PreemptionByScheduler", "EvictionByEvictionAPI",
                       "DeletionByTaintManager", "TerminationByKubelet", "DeletionByPodGC", "NodeLost", "Shutdown"}
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+# A resumed log stream asks for this much more than it lost; the repeated lines are skipped by timestamp.
+LOG_RESUME_SLACK = 30
+# RFC 3339 at the start of a line, as the kubelet writes it with timestamps=True, then one space.
+_TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d) ")
 
 
 class StageStartTimeout(StageFailed):
@@ -42,6 +50,13 @@ class StageStartTimeout(StageFailed):
     Permanent: the runner already waited `schedule_timeout` for capacity, and the usual causes (no GPU quota, a
     node selector or tolerations no node matches, a volume that cannot attach) do not fix themselves, so each
     retry would only hold the run for another `schedule_timeout`.
+    """
+
+
+class StageJobConflict(StageFailed):
+    """A live Job of the stage's name runs other work (another artifact store, image or data): another run's.
+
+    Permanent: the runner neither follows nor deletes it; a person decides (wait, delete it, another namespace).
     """
 
 
@@ -62,6 +77,7 @@ class KubernetesRunner:
         schedule_timeout: float | None = 1800.0,
         delete_timeout: float = 120.0,
         tail_lines: int = 40,
+        log_resumes: int = 20,
     ):
         self._api = api_client
         self.namespace = namespace
@@ -79,6 +95,8 @@ class KubernetesRunner:
         # How long to wait for a replaced Job to be gone before giving up (pods stuck terminating).
         self.delete_timeout = delete_timeout
         self.tail_lines = tail_lines
+        # How many times to reconnect one pod's dropped log stream (API server restarts, idle timeouts).
+        self.log_resumes = log_resumes
 
     # Every wait in the runner goes through this, so a test can stand in for time passing (or for Ctrl-C).
     _sleep = staticmethod(time.sleep)
@@ -135,7 +153,7 @@ class KubernetesRunner:
     # ---- the stage ----
 
     def manifests(self, name: str, cfg: "KelixConfig", key: str, artifacts: str, *, data_key: str | None,
-                  force: bool = False, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+                  force: bool | float = False, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """The objects this runner creates for a stage: the Job, and the rendezvous Service across nodes."""
         from kelix.stages import stage_resources
 
@@ -145,13 +163,14 @@ class KubernetesRunner:
             name, key, namespace=namespace, image=cfg.runtime.image, preset=cfg.preset,
             params_yaml=params_yaml(cfg), artifacts=artifacts, resources=resources,
             node_selector=cfg.runtime.node_selector, tolerations=cfg.runtime.tolerations, env=env or {},
-            options=self.options, data_dir=self.pod_data_dir, data_key=data_key, force=force)
+            options=self.options, data_dir=self.pod_data_dir, data_key=data_key, force=force,
+            started_by=_started_by())
         objs = [job]
         if resources.num_nodes > 1:
             objs.append(manifests.rendezvous_service(name, key, namespace=namespace))
         return objs
 
-    def run(self, name: str, cfg: "KelixConfig", data_dir: str | Path, artifacts: str, *, force: bool = False,
+    def run(self, name: str, cfg: "KelixConfig", data_dir: str | Path, artifacts: str, *, force: bool | float = False,
             tracking: "StageRun | None" = None) -> "StageResult":
         from kelix.artifacts import ArtifactStore
         from kelix.stages import data_fingerprint, stage_keys
@@ -164,7 +183,7 @@ class KubernetesRunner:
         fingerprint = data_fingerprint(data_dir)
         keys = stage_keys(cfg, fingerprint, [name])
         key = keys[name]
-        if not force and store.is_current(name, key):
+        if up_to_date(store, name, key, force):
             return skipped_result(store, name, key)
         check_inputs(name, store, keys)
         log = stage_logger()
@@ -205,35 +224,104 @@ class KubernetesRunner:
             return
         log.warning("run cancelled: deleted job %s/%s and its pods", namespace, jname)
 
-    def _start(self, objs: list[dict[str, Any]], *, force: bool, log: Any) -> None:
+    def _start(self, objs: list[dict[str, Any]], *, force: bool | float, log: Any) -> None:
+        """Create the stage's Job, or attach to the live one of its name when it does the same work."""
+        from kubernetes.client.exceptions import ApiException
+
         job = objs[0]
         jname, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
         existing = self._json(self.batch.read_namespaced_job, jname, namespace)
-        if existing is not None:
-            if job_state(existing) is None and not force:
-                # A previous orchestrator started it and is gone: follow it instead of starting over.
+        if existing is not None and _live(existing):
+            if not _same_work(existing, job):
+                # Another run's Job (the name is only stage and key): following it would wait for work this
+                # run did not ask for, and deleting it (even with force) would kill someone else's stage.
+                raise _conflict(existing, job)
+            cutoff = force_cutoff(force)
+            if cutoff is None or _created_at(existing) >= cutoff:
+                # A previous orchestrator started it and is gone, or this run's own forced Job (a retry after
+                # an API blip): follow it instead of starting over.
                 log.info("attaching to running job %s/%s", namespace, jname)
+                self._ensure_services(objs, existing, log)
                 return
-            log.info("replacing finished job %s/%s", namespace, jname)
+        if existing is not None:
+            what = "finished" if job_state(existing) else "running" if _live(existing) else "deleted"
+            log.info("replacing %s job %s/%s", what, namespace, jname)
             self._delete_job(jname, namespace, wait=True)
-        created = self._create(self.batch.create_namespaced_job, self.batch.read_namespaced_job, namespace, job)
-        uid = (created.get("metadata") or {}).get("uid")
-        for obj in objs[1:]:
-            if uid:
-                obj["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": jname,
-                                                       "uid": uid, "controller": False, "blockOwnerDeletion": False}]
-            self._create(self.core.create_namespaced_service, self.core.read_namespaced_service, namespace, obj)
+        try:
+            created = self._create(self.batch.create_namespaced_job, self.batch.read_namespaced_job, namespace, job)
+        except ApiException as exc:
+            # Another run created a Job of this name between our read and our create.
+            other = self._json(self.batch.read_namespaced_job, jname, namespace) if exc.status == 409 else None
+            if other is not None and not _same_work(other, job):
+                raise _conflict(other, job) from exc
+            raise
         resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
         log.info("started job %s/%s (image %s, %s node(s), limits %s)", namespace, jname,
                  job["spec"]["template"]["spec"]["containers"][0]["image"], job["spec"].get("completions", 1),
                  resources["limits"])
+        self._ensure_services(objs, created, log)
+
+    def _ensure_services(self, objs: list[dict[str, Any]], job: dict[str, Any], log: Any) -> None:
+        """Make sure the rendezvous Service of a multi-node Job exists and is owned by this Job's uid.
+
+        An earlier same-named Job's Service can outlive it: its ownerReference does not block the Job's
+        Foreground deletion, so the garbage collector removes it only after the Job is gone. The worker's Role
+        may not delete Services (infra/k8s/base/rbac.yaml), so wait for the collector, up to `delete_timeout`,
+        then create this Job's. On attach, the Service may be missing (lost with an earlier crash): create it.
+        """
+        meta = job.get("metadata") or {}
+        uid = meta.get("uid")
+        for obj in objs[1:]:
+            if uid:
+                obj["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                                                       "uid": uid, "controller": False, "blockOwnerDeletion": False}]
+            self._ensure_service(obj, uid, log)
+
+    def _ensure_service(self, body: dict[str, Any], uid: str | None, log: Any) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+        deadline = time.monotonic() + self.delete_timeout
+        waited = False
+        while True:
+            existing = self._json(self.core.read_namespaced_service, name, namespace)
+            if existing is not None and _owned_by(existing, uid):
+                return
+            if existing is None:
+                try:
+                    self._create(self.core.create_namespaced_service, self.core.read_namespaced_service, namespace,
+                                 body)
+                    return
+                except ApiException as exc:  # 409: a stale one showed up between the read and the create
+                    if exc.status != 409 or time.monotonic() > deadline:
+                        raise
+            elif time.monotonic() > deadline:
+                raise self._stale_service(existing, uid)
+            elif not waited:
+                waited = True
+                log.info("waiting for the service %s/%s of an earlier job to be garbage-collected", namespace, name)
+            self._sleep(self.poll_interval)
+
+    def _stale_service(self, service: dict[str, Any], uid: str | None) -> TransientStageError:
+        """Transient: the garbage collector is usually just slow; a rerun attaches to the Job and tries again."""
+        meta = service["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        owners = [r.get("uid") for r in meta.get("ownerReferences") or []]
+        return TransientStageError(
+            f"service {namespace}/{name}, which the pods of job {namespace}/{name} need for their rendezvous, is "
+            f"left from an earlier job (owner uids {owners or 'none'}, not this job's {uid}) and was not removed "
+            f"within {self.delete_timeout:g} s. The garbage collector removes it once its job is gone; if it "
+            f"stays (or has no owner), delete it: kubectl delete service -n {namespace} {name}. A rerun then "
+            f"attaches to the job and creates the service.",
+            stage=(meta.get("labels") or {}).get(manifests.LABEL_STAGE, ""))
 
     def _create(self, create: Callable[..., Any], read: Callable[..., Any], namespace: str,
                 body: dict[str, Any]) -> dict[str, Any]:
         """Create an object, or take the one an earlier attempt made: when the API server acted but its answer
         was lost (a 503/504 on the way back), `_call`'s retry meets 409 AlreadyExists. Names come from the stage
-        key, so a live object of that name with the same owner is the one this call made. One being deleted, or
-        owned by another Job (an earlier run's Service), is not taken: the 409 stands."""
+        key, so a live object of that name with the same owner and work is the one this call made. One being
+        deleted, owned by another Job (an earlier run's Service) or doing other work (another run's Job of the
+        same name) is not taken: the 409 stands."""
         from kubernetes.client.exceptions import ApiException
 
         try:
@@ -243,7 +331,7 @@ class KubernetesRunner:
             meta = (existing or {}).get("metadata") or {}
             owners = {r.get("uid") for r in meta.get("ownerReferences") or []}
             wanted = {r.get("uid") for r in body["metadata"].get("ownerReferences") or []}
-            if existing is None or meta.get("deletionTimestamp") or owners != wanted:
+            if existing is None or meta.get("deletionTimestamp") or owners != wanted or not _same_work(existing, body):
                 raise
             return existing
 
@@ -251,8 +339,8 @@ class KubernetesRunner:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            # Foreground: the Job disappears only after its pods and the owned Service, so a new Job of the
-            # same name never meets the old one's leftovers.
+            # Foreground: the Job disappears only after its pods, so a new Job of the same name never meets
+            # the old one's pods. Not the Service, which does not block it: see _ensure_services.
             self._call(self.batch.delete_namespaced_job, jname, namespace, propagation_policy="Foreground")
         except ApiException as exc:
             if exc.status != 404:
@@ -308,7 +396,8 @@ class KubernetesRunner:
                     return
                 if state == "Failed":
                     _drain(followers)
-                    raise self._failure(name, key, job, pods, followers, store)
+                    fetched = self._missing_tails(namespace, pods, followers, log)
+                    raise self._failure(name, key, job, pods, _tails(followers, fetched), store)
                 if self.timeout and time.monotonic() - start > self.timeout:
                     self._delete_job(jname, namespace)
                     raise StageDeadlineExceeded(
@@ -351,9 +440,28 @@ class KubernetesRunner:
                         f"stage {name}: pod {pname} cannot start its container ({reason}: {detail}); a Secret or "
                         f"ConfigMap it reads is probably missing (infra/k8s/secrets.template.yaml). Deleted job "
                         f"{namespace}/{jname}.", stage=name)
-            elif (state.get("running") or state.get("terminated")) and pname not in followers:
-                followers[pname] = _LogFollower(self.core, pname, namespace, log, f"{name}/{pname}", self.tail_lines)
-                followers[pname].start()
+            elif state.get("running") or state.get("terminated"):
+                self._follow(name, namespace, pname, followers, bool(state.get("running")), log)
+
+    def _follow(self, name: str, namespace: str, pname: str, followers: dict[str, "_LogFollower"], running: bool,
+                log: Any) -> None:
+        """Follow a pod's log. When its stream ended while the container still runs (an API server restart, a
+        load balancer's idle timeout), follow it again from where it stopped, up to `log_resumes` times."""
+        old = followers.get(pname)
+        if old is None:
+            follower = _LogFollower(self.core, pname, namespace, log, f"{name}/{pname}", self.tail_lines)
+        elif not running or old.is_alive() or old.gave_up:
+            return
+        elif old.resumes >= self.log_resumes or not old.resumable:
+            old.gave_up = True
+            log.warning("[%s] log stream ended %d time(s) while the pod runs; no longer following it. Read it "
+                        "with: kubectl logs -f -n %s %s", old.prefix, old.resumes + 1, namespace, pname)
+            return
+        else:
+            log.info("[%s] log stream ended while the pod runs; reconnecting", old.prefix)
+            follower = old.resumed()
+        followers[pname] = follower
+        follower.start()
 
     def _check_started(self, name: str, jname: str, namespace: str, pods: list[dict[str, Any]],
                        pending_since: dict[str, float]) -> None:
@@ -381,14 +489,30 @@ class KubernetesRunner:
                 f"runtime.tolerations match a node with free GPUs, or raise the runner's schedule_timeout if the "
                 f"cluster is just busy. Deleted job {namespace}/{jname}.", stage=name)
 
-    def _failure(self, name: str, key: str, job: dict[str, Any], pods: list[dict[str, Any]],
-                 followers: dict[str, "_LogFollower"], store: Any) -> Exception:
+    def _missing_tails(self, namespace: str, pods: list[dict[str, Any]], followers: dict[str, "_LogFollower"],
+                       log: Any) -> dict[str, list[str]]:
+        """The last lines of each failed pod whose log stream gave none (it dropped, or the pod failed between
+        two polls), read once without following, so the error still shows why the stage failed."""
+        fetched: dict[str, list[str]] = {}
+        for pod in _newest(pods):
+            pname = pod["metadata"]["name"]
+            if (pod.get("status") or {}).get("phase") != "Failed" or (pname in followers and followers[pname].tail):
+                continue
+            try:
+                resp = self._call(self.core.read_namespaced_pod_log, pname, namespace, container=manifests.CONTAINER,
+                                  tail_lines=self.tail_lines, _preload_content=False)
+                fetched[pname] = resp.data.decode(errors="replace").splitlines()[-self.tail_lines:]
+            except Exception as exc:  # noqa: BLE001 - the failure itself matters more than its log
+                log.warning("could not read the log of failed pod %s/%s: %s", namespace, pname, exc)
+        return fetched
+
+    def _failure(self, name: str, key: str, job: dict[str, Any], pods: list[dict[str, Any]], logs: str,
+                 store: Any) -> Exception:
         """The clearest error for a failed Job, and whether retrying it makes sense (by its type)."""
         cond = next((c for c in (job.get("status") or {}).get("conditions") or []
                      if c.get("type") == "Failed" and c.get("status") == "True"), {})
         jname = job["metadata"]["name"]
         where = f"stage {name}: job {job['metadata'].get('namespace')}/{jname} failed"
-        logs = _tails(followers)
         tail = f"\n--- last log lines ---\n{logs}" if logs else ""
         if cond.get("reason") == "DeadlineExceeded":
             return StageDeadlineExceeded(f"{where}: it ran past activeDeadlineSeconds ({cond.get('message', '')})",
@@ -436,6 +560,70 @@ def job_state(job: dict[str, Any]) -> str | None:
     if (status.get("succeeded") or 0) >= completions:
         return "Complete"
     return None
+
+
+def _created_at(obj: dict[str, Any]) -> float:
+    """An object's creationTimestamp as a Unix time (0 when it has none, e.g. a lax test double)."""
+    stamp = obj["metadata"].get("creationTimestamp")
+    if not stamp:
+        return 0.0
+    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _live(job: dict[str, Any]) -> bool:
+    """Still running and not being deleted."""
+    return job_state(job) is None and not (job.get("metadata") or {}).get("deletionTimestamp")
+
+
+def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
+    """Not being deleted, and owned by the object with this uid (any owner when the uid is unknown)."""
+    meta = obj.get("metadata") or {}
+    owners = {r.get("uid") for r in meta.get("ownerReferences") or []}
+    return not meta.get("deletionTimestamp") and (uid is None or uid in owners)
+
+
+def _annotations(obj: dict[str, Any]) -> dict[str, str]:
+    return (obj.get("metadata") or {}).get("annotations") or {}
+
+
+def _same_work(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether an existing object does the work `wanted` describes. A Job without the annotation (started by
+    an older kelix) cannot be told apart from another run's, so it does not count as the same."""
+    return _annotations(existing).get(manifests.ANNOTATION_WORK) == _annotations(wanted).get(manifests.ANNOTATION_WORK)
+
+
+def _conflict(existing: dict[str, Any], job: dict[str, Any]) -> "StageJobConflict":
+    meta, mine = existing["metadata"], _annotations(job)
+    jname, namespace = meta["name"], meta.get("namespace") or job["metadata"]["namespace"]
+    labels = meta.get("labels") or {}
+    theirs = _annotations(existing)
+    if manifests.ANNOTATION_WORK in theirs:
+        whose = (f"started by {theirs.get(manifests.ANNOTATION_STARTED_BY, 'an unknown user')} for artifacts "
+                 f"{theirs.get(manifests.ANNOTATION_ARTIFACTS)}, image {theirs.get(manifests.ANNOTATION_IMAGE)}, "
+                 f"data {theirs.get(manifests.ANNOTATION_DATA)}")
+    else:
+        whose = (f"started by an older kelix or by hand, without a {manifests.ANNOTATION_WORK} annotation; stage "
+                 f"{labels.get(manifests.LABEL_STAGE)}, key {labels.get(manifests.LABEL_KEY)}")
+    stage = (job["metadata"].get("labels") or {}).get(manifests.LABEL_STAGE, "")
+    return StageJobConflict(
+        f"stage {stage}: job {namespace}/{jname} already exists and runs other work ({whose}); this run wants "
+        f"artifacts {mine.get(manifests.ANNOTATION_ARTIFACTS)}, image {mine.get(manifests.ANNOTATION_IMAGE)}, "
+        f"data {mine.get(manifests.ANNOTATION_DATA)}. The name comes from the stage and its key only, so the two "
+        f"collide. It was left alone (even with force: it is not this run's to delete). Wait for it to finish "
+        f"and rerun, delete it if you are sure it is abandoned (kubectl delete job -n {namespace} {jname}), or "
+        f"run in another namespace (--set runtime.namespace=NAME)", stage=stage)
+
+
+def _started_by() -> str:
+    """user@host of this orchestrator, for whoever finds its Job. Best effort: a container may have no user."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no USER variable and no passwd entry
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
 
 
 def _terminations(pod: dict[str, Any]) -> list[dict[str, Any]]:
@@ -513,37 +701,100 @@ def _drain(followers: dict[str, "_LogFollower"]) -> None:
         f.join(timeout=10)
 
 
-def _tails(followers: dict[str, "_LogFollower"]) -> str:
-    return "\n".join(f"[{name}] {line}" for name, f in followers.items() for line in f.tail)
+def _tails(followers: dict[str, "_LogFollower"], fetched: dict[str, list[str]] | None = None) -> str:
+    """The followers' last lines, with those `fetched` for pods whose follower got none."""
+    tails = {name: list(f.tail) for name, f in followers.items()}
+    tails.update(fetched or {})
+    return "\n".join(f"[{name}] {line}" for name, lines in tails.items() for line in lines)
+
+
+def _split_timestamp(line: str) -> tuple[tuple[int, int] | None, str]:
+    """The kubelet's timestamp (asked for with timestamps=True) as (epoch seconds, nanoseconds), and the line
+    without it. None when the line has none (a server that ignored the option)."""
+    match = _TIMESTAMP.match(line)
+    if not match:
+        return None, line
+    zone = "+00:00" if match[3] == "Z" else match[3]
+    seconds = int(datetime.datetime.fromisoformat(match[1] + zone).timestamp())
+    return (seconds, int((match[2] or "0").ljust(9, "0"))), line[match.end():]
 
 
 class _LogFollower(threading.Thread):
-    """Streams one pod's log into the flow's logger (follow=True until the container ends)."""
+    """Streams one pod's log into the flow's logger (follow=True until the container ends).
 
-    def __init__(self, core: Any, pod: str, namespace: str, log: Any, prefix: str, tail_lines: int):
+    Lines come with the kubelet's timestamps, so a follower that takes over after a dropped stream (`resumed`)
+    asks only for the last while (since_seconds) and skips the lines already emitted: those older than the
+    last one, and as many of its own time as were emitted.
+    """
+
+    def __init__(self, core: Any, pod: str, namespace: str, log: Any, prefix: str, tail_lines: int,
+                 after: "_LogFollower | None" = None):
         super().__init__(name=f"logs-{pod}", daemon=True)
         self.core, self.pod, self.namespace, self.log, self.prefix = core, pod, namespace, log, prefix
-        self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self.tail: collections.deque[str] = after.tail if after else collections.deque(maxlen=tail_lines)
+        self.resumes = after.resumes + 1 if after else 0
+        # The kubelet's time of the last whole line emitted, how many lines had that time, and when the last
+        # one arrived (monotonic): where a resumed stream picks up.
+        self.last: tuple[int, int] | None = after.last if after else None
+        self.at_last = after.at_last if after else 0
+        self.last_at = after.last_at if after else 0.0
+        self._repeats = self.at_last  # lines of time `last` the resumed stream sends again
+        self.error: Exception | None = None
+        self.gave_up = False
         self._resp: Any = None
+
+    def resumed(self) -> "_LogFollower":
+        """A follower (not started) that continues this one's ended stream."""
+        return _LogFollower(self.core, self.pod, self.namespace, self.log, self.prefix, self.tail.maxlen or 0, self)
+
+    @property
+    def resumable(self) -> bool:
+        """False when the API server refused the stream (403, 404...): asking again would not help."""
+        status = getattr(self.error, "status", None)
+        return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
+
+    def _since(self) -> dict[str, int]:
+        if self.last is None:
+            return {}  # nothing emitted yet: all of it
+        # Generous, as repeated lines are skipped but missed ones are lost: the longer of the time since the
+        # last line arrived and its age by its own timestamp (the stream may have stalled before it dropped),
+        # plus slack for the clocks of this host and the node.
+        lag = max(time.monotonic() - self.last_at, time.time() - self.last[0])
+        return {"since_seconds": int(lag) + LOG_RESUME_SLACK}
 
     def run(self) -> None:
         try:
             self._resp = self.core.read_namespaced_pod_log(self.pod, self.namespace, container=manifests.CONTAINER,
-                                                           follow=True, _preload_content=False)
+                                                           follow=True, timestamps=True, _preload_content=False,
+                                                           **self._since())
             buf = b""
             for chunk in self._resp.stream(4096):
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
-                    self._emit(line)
+                    self._line(line)
             if buf:
-                self._emit(buf)
+                self._line(buf, whole=False)
         except Exception as exc:  # noqa: BLE001 - a lost log stream must not fail the stage
+            self.error = exc
             if self._resp is not False:
                 self.log.warning("[%s] log stream ended: %s", self.prefix, exc)
 
-    def _emit(self, raw: bytes) -> None:
-        line = raw.decode(errors="replace").rstrip("\r")
+    def _line(self, raw: bytes, whole: bool = True) -> None:
+        when, line = _split_timestamp(raw.decode(errors="replace").rstrip("\r"))
+        if when is not None and self.last is not None:
+            if when < self.last:
+                return
+            if when == self.last and self._repeats > 0:
+                self._repeats -= 1
+                return
+        # A line cut off by a dropped stream is emitted but not counted: the resumed stream sends it whole.
+        if when is not None and whole:
+            self.at_last = self.at_last + 1 if when == self.last else 1
+            self.last, self.last_at = when, time.monotonic()
+        self._emit(line)
+
+    def _emit(self, line: str) -> None:
         self.tail.append(line)
         self.log.info("[%s] %s", self.prefix, line)
 

@@ -6,18 +6,27 @@ headless Service whose DNS name reaches pod 0 for the rendezvous. The pod gets t
 in an environment variable (the worker's Role may create Jobs and Services but not ConfigMaps), the S3 and
 MLflow credentials from the Secrets of infra/k8s, a scratch emptyDir and the shared `kelix-checkpoints`
 volume, where the artifact mirror (and so every checkpoint) lives, so a stage rescheduled onto another node
-resumes where it stopped. The security context and volumes follow infra/k8s/job-template.json.
+resumes where it stopped. The security context and volumes follow infra/k8s/job-template.json. The Job's
+annotations name its work (a hash, plus the artifact store, image, data and who started it), since its name,
+from the stage and key only, is shared by runs writing to other stores.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
+from kelix.rerun import force_args
 from kelix.runtime_config import Resources
 
 PART_OF = {"app.kubernetes.io/part-of": "kelix", "app.kubernetes.io/component": "stage"}
 LABEL_STAGE, LABEL_KEY, LABEL_JOB = "kelix.dev/stage", "kelix.dev/key", "kelix.dev/job"
+# On the Job: the hash of its work (`work_id`), and what a person needs to tell whose Job it is.
+ANNOTATION_WORK, ANNOTATION_STARTED_BY = "kelix.dev/work", "kelix.dev/started-by"
+ANNOTATION_ARTIFACTS, ANNOTATION_IMAGE, ANNOTATION_DATA = "kelix.dev/artifacts", "kelix.dev/image", "kelix.dev/data"
 CONTAINER = "stage"
 RDZV_PORT = 29500
 PARAMS_ENV = "KELIX_PARAMS_YAML"
@@ -55,6 +64,15 @@ def job_name(stage: str, key: str) -> str:
     return f"kelix-{stage}-{key[:10]}".lower()
 
 
+def work_id(stage: str, key: str, *, artifacts: str, image: str, data: str, resources: Resources) -> str:
+    """What makes a stage Job's work distinct beyond its name (stage and key[:10]): where it writes, what it
+    runs, which data and on what. A run attaches to a live Job of its name only when this matches; the pod's
+    env is left out, as it names the MLflow run, which differs for a restarted orchestrator's same work."""
+    payload = {"stage": stage, "key": key, "artifacts": artifacts, "image": image, "data": data,
+               "resources": dataclasses.asdict(resources)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def pull_policy(image: str, policy: str | None = None) -> str:
     """The imagePullPolicy for `image`: `policy` if given, else Always for a mutable tag, else IfNotPresent."""
     if policy:
@@ -71,7 +89,7 @@ def labels(stage: str, key: str) -> dict[str, str]:
 
 
 def stage_script(stage: str, preset: str, artifacts: str, resources: Resources, *, data_dir: str | None,
-                 data_key: str | None, force: bool, rdzv_host: str | None) -> str:
+                 data_key: str | None, force: bool | float, rdzv_host: str | None) -> str:
     """The pod's shell command: write the params file, fetch the dataset if published, start the stage."""
     lines = ["set -eu", f'printf "%s" "${PARAMS_ENV}" > {PARAMS_PATH}']
     if data_dir is None:
@@ -82,7 +100,7 @@ def stage_script(stage: str, preset: str, artifacts: str, resources: Resources, 
     else:
         data_arg = shlex.quote(data_dir)
     args = (f"-m kelix.stages run {shlex.quote(stage)} --preset {shlex.quote(preset)} --params {PARAMS_PATH} "
-            f"--data {data_arg} --artifacts {shlex.quote(artifacts)}" + (" --force" if force else ""))
+            f"--data {data_arg} --artifacts {shlex.quote(artifacts)}" + "".join(f" {a}" for a in force_args(force)))
     if resources.num_nodes > 1:
         nproc = max(1, resources.gpus)
         launcher = (f"torchrun --nnodes={resources.num_nodes} --nproc-per-node={nproc} "
@@ -111,11 +129,18 @@ def stage_job(
     options: JobOptions,
     data_dir: str | None = None,
     data_key: str | None = None,
-    force: bool = False,
+    force: bool | float = False,
+    started_by: str | None = None,
 ) -> dict[str, Any]:
     """The Job for one stage (an Indexed Job when `resources.num_nodes > 1`)."""
     name = job_name(stage, key)
     lab = labels(stage, key)
+    data = data_dir or data_key or ""
+    annotations = {ANNOTATION_WORK: work_id(stage, key, artifacts=artifacts, image=image, data=data,
+                                            resources=resources),
+                   ANNOTATION_ARTIFACTS: artifacts, ANNOTATION_IMAGE: image, ANNOTATION_DATA: data}
+    if started_by:
+        annotations[ANNOTATION_STARTED_BY] = started_by
     multi_node = resources.num_nodes > 1
     rdzv_host = f"{name}-0.{name}.{namespace}.svc.cluster.local" if multi_node else None
     script = stage_script(stage, preset, artifacts, resources, data_dir=data_dir, data_key=data_key,
@@ -194,13 +219,16 @@ def stage_job(
         spec.update({"completionMode": "Indexed", "completions": resources.num_nodes,
                      "parallelism": resources.num_nodes})
     return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": name, "namespace": namespace, "labels": dict(lab)}, "spec": spec}
+            "metadata": {"name": name, "namespace": namespace, "labels": dict(lab), "annotations": annotations},
+            "spec": spec}
 
 
 def rendezvous_service(stage: str, key: str, *, namespace: str, owner_uid: str | None = None) -> dict[str, Any]:
     """Headless Service giving the pods of a multi-node stage stable DNS names (pod 0 hosts the rendezvous).
 
-    Owned by the Job when its uid is known, so Kubernetes deletes it with the Job.
+    Owned by the Job when its uid is known, so Kubernetes' garbage collector deletes it after the Job. Not
+    before: blockOwnerDeletion is False (True needs update on jobs/finalizers), so a Foreground deletion of
+    the Job does not wait for it, and a stale one may outlive its Job for a moment.
     """
     name = job_name(stage, key)
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels(stage, key)}

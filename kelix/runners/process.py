@@ -43,14 +43,15 @@ class SubprocessRunner:
                 force: bool | float) -> list[str]:
         cmd = [self.python, "-m", self.module, "run", name, "--preset", cfg.preset, "--params", str(params_file),
                "--data", str(data_dir), "--artifacts", artifacts]
-        from kelix.stages import force_args
+        from kelix.rerun import force_args
 
         return cmd + force_args(force)
 
     def run(self, name: str, cfg: "KelixConfig", data_dir: str | Path, artifacts: str, *, force: bool | float = False,
             tracking: "StageRun | None" = None) -> "StageResult":
         from kelix.artifacts import ArtifactStore
-        from kelix.stages import data_fingerprint, stage_keys, up_to_date
+        from kelix.rerun import up_to_date
+        from kelix.stages import data_fingerprint, stage_keys
 
         store = ArtifactStore(artifacts)
         keys = stage_keys(cfg, data_fingerprint(data_dir), [name])
