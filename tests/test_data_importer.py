@@ -192,6 +192,10 @@ def test_images_no_captions_line_names_are_counted_and_shown(tmp_path):
     assert "2 images in the source are named by no line of captions.jsonl and were not imported: b.png, more/d.PNG" \
         in report.summary()
     assert json.loads((tmp_path / "out" / "dataset.json").read_text())["generator"]["unreferenced"] == 2
+    # An output inside the source (and its staging folder) is the import's own, not unreferenced input.
+    inside = import_folder(src, src / "imported")
+    assert inside.unreferenced == ["b.png", "more/d.PNG"]
+    assert import_folder(src, src / "imported", overwrite=True).unreferenced == ["b.png", "more/d.PNG"]
 
 
 def test_whole_input_problems_are_clear_errors(tmp_path):

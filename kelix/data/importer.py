@@ -176,7 +176,7 @@ def import_folder(src: str | Path, out: str | Path, image_size: int | None = Non
     write_jsonl_atomic(tmp / MANIFEST, records)
     write_jsonl_atomic(tmp / QUARANTINE, report.quarantined)
     report.imported = len(records)
-    report.unreferenced = _unreferenced_images(src, named)
+    report.unreferenced = _unreferenced_images(src, named, skip=(out, tmp))
     counts = split_counts(records)
     write_dataset_json(tmp, {
         "name": out.name, "format_version": FORMAT_VERSION,
@@ -192,10 +192,13 @@ def import_folder(src: str | Path, out: str | Path, image_size: int | None = Non
     return report
 
 
-def _unreferenced_images(src: Path, named: set[str]) -> list[str]:
-    """Image files under `src` (by extension) that no captions line names, sorted."""
-    found = (p.relative_to(src).as_posix() for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return sorted(rel for rel in found if os.path.normpath(rel) not in named)
+def _unreferenced_images(src: Path, named: set[str], skip: tuple[Path, ...] = ()) -> list[str]:
+    """Image files under `src` (by extension) that no captions line names, sorted; folders in `skip` (the
+    import's own output and staging folder, when the output lies inside the source) are not looked at."""
+    skip = tuple(p.resolve() for p in skip)
+    found = (p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    rels = (p.relative_to(src).as_posix() for p in found if not any(p.resolve().is_relative_to(d) for d in skip))
+    return sorted(rel for rel in rels if os.path.normpath(rel) not in named)
 
 
 def _common_side(sizes: set[tuple[int, int]]) -> int | None:
