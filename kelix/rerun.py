@@ -13,6 +13,10 @@ from kelix.artifacts import SUCCESS, ArtifactStore
 
 Force = bool | float
 
+# `kelix stage run`'s exit code when another process is running the same stage into the same folder (EX_TEMPFAIL):
+# the runners retry it later, when the other run has finished and this one finds its outputs.
+EXIT_BUSY = 75
+
 
 def force_cutoff(force: Force | None) -> float | None:
     if force is True:

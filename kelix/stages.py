@@ -29,7 +29,7 @@ import torch
 
 from kelix.artifacts import FAILED, LOCK_FILE, RUNNING, SUCCESS, ArtifactStore, store_uri
 from kelix.files import LockHeld, exclusive_lock
-from kelix.rerun import Force, force_cutoff
+from kelix.rerun import EXIT_BUSY, Force, force_cutoff
 from kelix.config import KelixConfig, config_hash
 from kelix.runtime_config import Resources
 from kelix.train.metrics import MetricLogger
@@ -361,7 +361,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with stage_run_from_env():
             force = args.force_before if args.force_before is not None else args.force
             result = run_stage(args.name, cfg, data_dir, args.artifacts, force=force)
-    except (KeyError, StageInputMissing, StageBusy, FileNotFoundError) as exc:
+    except StageBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    except (KeyError, StageInputMissing, FileNotFoundError) as exc:
         raise UserError(str(exc).strip('"')) from exc
     state = "skipped (already done)" if result.skipped else f"done in {result.seconds:.1f}s"
     print(f"{result.name} [{result.key}] {state} -> {result.out_dir}")

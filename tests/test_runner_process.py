@@ -101,6 +101,21 @@ def test_rejected_arguments_are_a_config_error(setup):
     assert not is_transient(info.value)
 
 
+def test_a_stage_another_process_is_running_is_retried_later(setup):
+    """An orchestrator killed while its child trains, then rerun: the new child finds the stage locked, exits
+    with EXIT_BUSY, and the flow retries it later (when the first has finished and this one skips)."""
+    from kelix.artifacts import LOCK_FILE, ArtifactStore
+    from kelix.files import exclusive_lock
+    from kelix.stages import data_fingerprint, stage_keys
+
+    key = stage_keys(setup["cfg"], data_fingerprint(setup["data"]), ["tokenizer-1"])["tokenizer-1"]
+    with exclusive_lock(ArtifactStore(setup["artifacts"]).local_dir("tokenizer-1", key) / LOCK_FILE):
+        with pytest.raises(TransientStageError, match="exited with code 75: another process is running") as info:
+            _runner("ok").run("tokenizer-1", setup["cfg"], setup["data"], setup["artifacts"])
+    assert is_transient(info.value) and "is already running" in info.value.logs
+    assert not _runner("ok").run("tokenizer-1", setup["cfg"], setup["data"], setup["artifacts"]).skipped
+
+
 def test_a_killed_child_is_transient(setup):
     with pytest.raises(TransientStageError, match="SIGKILL"):
         _runner("kill").run("tokenizer-1", setup["cfg"], setup["data"], setup["artifacts"])

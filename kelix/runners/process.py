@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kelix.rerun import EXIT_BUSY
 from kelix.runners.base import (StageConfigError, StageFailed, TransientStageError, check_inputs, finished_result,
                                 marker_error, params_yaml, skipped_result, stage_logger)
 
@@ -102,6 +103,9 @@ class SubprocessRunner:
                                       stage=name, logs=logs)
         if rc == 2:
             raise StageConfigError(f"{where}: the stage rejected its arguments or config\n{logs}", stage=name, logs=logs)
+        if rc == EXIT_BUSY:
+            raise TransientStageError(f"{where}: another process is running this stage; retried later\n{logs}",
+                                      stage=name, logs=logs)
         if transient:
             raise TransientStageError(f"{where}: {error}", stage=name, logs=logs)
         raise StageFailed(f"{where}: {error or 'see the log lines above'}\n{logs}", stage=name, logs=logs)
