@@ -3,6 +3,7 @@ atomic replacement (readers, and torchrun ranks writing the same cache, never se
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -78,3 +79,19 @@ def exclusive_lock(path: str | Path, timeout: float = 0.0) -> Iterator[Path]:
             yield path
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+_DISK_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc` (or an error it came from) is a full disk or quota. torch and safetensors report it as a
+    RuntimeError or SafetensorError whose message carries the OS error, not as an OSError."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(word in str(exc) for word in _DISK_FULL_WORDS):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False

@@ -265,6 +265,7 @@ def run_stage(
 def _run_stage(stage: Stage, cfg: KelixConfig, data_dir: Path, store: ArtifactStore, keys: dict[str, str],
                cutoff: float | None, progress: bool, main: bool, t0: float) -> StageResult:
     """`run_stage` once the stage's lock is held (by the main process; the other ranks follow it)."""
+    from kelix.runners.base import is_transient
     from kelix.train import distributed
 
     name, key = stage.name, keys[stage.name]
@@ -323,7 +324,7 @@ def _run_stage(stage: Stage, cfg: KelixConfig, data_dir: Path, store: ArtifactSt
     except BaseException as exc:
         if main:
             store.mark(name, key, FAILED, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:],
-                       input_runs=input_runs)
+                       input_runs=input_runs, transient=is_transient(exc))
         raise
     if main:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))

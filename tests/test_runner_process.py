@@ -147,3 +147,17 @@ if __name__ == "__main__":
     with stage_run_from_env():
         code = stages.main(sys.argv[1:])
     sys.exit(code)
+
+
+def test_a_failed_marker_carries_the_verdict_of_where_it_failed(tmp_path):
+    """A full disk is an OSError like a network blip; the stage judges it (not retried) and the runners, which
+    see only the marker, follow that verdict. Markers without one are judged by the exception's name."""
+    from kelix.artifacts import ArtifactStore
+    from kelix.runners.base import marker_error
+
+    store = ArtifactStore(tmp_path)
+    full = "OSError: [Errno 28] no space left in /ckpt for the checkpoint of step 40"
+    store.mark("llm-2", "k", "FAILED", error=full, transient=False)
+    assert marker_error(store, "llm-2", "k") == (full, False)
+    store.mark("llm-2", "k", "FAILED", error="OSError: [Errno 5] Input/output error")
+    assert marker_error(store, "llm-2", "k")[1] is True

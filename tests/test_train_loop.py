@@ -157,23 +157,35 @@ def test_a_full_disk_leaves_no_temporary_copy_and_is_not_retried(tmp_path, monke
     reuses its pid-named path); a full disk is a clear error the runners do not retry. Folders that killed
     processes left behind are swept at the next save."""
     import errno
+    import shutil
 
     import kelix.train.checkpoint as checkpoint
+    from kelix.files import disk_full as disk_full_error
     from kelix.runners import is_transient
 
     ckpts = tmp_path / "checkpoints"
     save_checkpoint(ckpts, 2, {"w": torch.ones(2)}, {}, keep=2)
     (ckpts / ".tmp-step_0000003-99999").mkdir()  # a process killed mid-write
 
-    def disk_full(*_, **__):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def disk_full(*_, **__):  # what torch.save raises when the disk fills: no OS error in sight
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: file write failed")
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    usage = shutil.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(path)._replace(free=1024))
     with pytest.raises(OSError, match="no space left in .* for the checkpoint of step 4.*free space there and rerun") as err:
         save_checkpoint(ckpts, 4, {"w": torch.ones(2)}, {}, keep=2)
     assert err.value.errno == errno.ENOSPC and not is_transient(err.value)
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000002"]
     assert is_transient(OSError(errno.EIO, "I/O error"))  # other I/O trouble is still retried
+    # safetensors says it in words; a failure with room on the disk is left as it was.
+    from safetensors import SafetensorError
+    assert not is_transient(RuntimeError("save failed")) and disk_full_error(SafetensorError(
+        "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })"))
+    monkeypatch.undo()
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(RuntimeError, match="file write failed"):
+        save_checkpoint(ckpts, 6, {"w": torch.ones(2)}, {}, keep=2)
 
 
 def test_time_budget_stops_with_a_checkpoint(tmp_path):

@@ -8,10 +8,11 @@ image, a bug) fails fast so nobody waits through retries that cannot succeed.
 """
 from __future__ import annotations
 
-import errno
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+
+from kelix.files import disk_full
 
 if TYPE_CHECKING:  # the runners import no heavy module at import time
     from kelix.config import KelixConfig
@@ -73,7 +74,7 @@ def is_transient(exc: BaseException | None) -> bool:
         return False
     if isinstance(exc, _PERMANENT_OS_ERRORS):
         return False
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if disk_full(exc):
         return False  # a full disk stays full for the retry: someone has to free space
     if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
         return True
@@ -191,5 +192,7 @@ def marker_error(store, name: str, key: str) -> tuple[str, bool | None]:
     if status.get("status") != "FAILED" or not status.get("error"):
         return "", None
     error = str(status["error"])
+    if isinstance(status.get("transient"), bool):  # judged by is_transient where it failed
+        return error, status["transient"]
     exc_name = error.split(":", 1)[0].strip().rsplit(".", 1)[-1]
     return error, exc_name in _TRANSIENT_NAMES

@@ -20,10 +20,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kelix.files import file_sha256
+from kelix.files import disk_full, file_sha256
+
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"  # a checkpoint being written (renamed to step_N when whole)
+NEARLY_FULL_BYTES = 64 << 20  # free space below which a failed write is taken for a full disk
 
 
 class CheckpointError(RuntimeError):
@@ -63,8 +65,9 @@ def save_checkpoint(
     except BaseException as exc:
         # A half-written copy of the weights and optimiser state is as large as a good one: never leave it.
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(exc.errno, f"no space left in {ckpt_dir} for the checkpoint of step {step} ({exc}); "
+        # torch.save reports a full disk as "file write failed" with no OS error: look at the disk as well.
+        if disk_full(exc) or shutil.disk_usage(ckpt_dir).free < NEARLY_FULL_BYTES:
+            raise OSError(errno.ENOSPC, f"no space left in {ckpt_dir} for the checkpoint of step {step} ({exc}); "
                           "free space there and rerun: training resumes from the last checkpoint") from exc
         raise
     if final.exists():
