@@ -196,6 +196,26 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path / "checkpoints").step == result.step
 
 
+def test_the_time_budget_counts_the_training_time_of_earlier_tries(tmp_path, monkeypatch):
+    """A budgeted stage killed and resumed used to get its whole budget again on every try."""
+    import kelix.train.checkpoint as checkpoint
+
+    model, get_batch, step_fn = _problem()
+    real_save = checkpoint.save_checkpoint
+
+    def as_if_it_had_trained_long(ckpt_dir, step, model_state, train_state, extra=None, keep=2):
+        return real_save(ckpt_dir, step, model_state, train_state, {**extra, "train_seconds": 100.0}, keep)
+
+    monkeypatch.setattr("kelix.train.loop.save_checkpoint", as_if_it_had_trained_long)
+    train(model, [{"params": model.parameters()}], get_batch, step_fn, _cfg(num_steps=4), tmp_path, progress=False)
+    monkeypatch.undo()
+    model_b, get_batch_b, step_fn_b = _problem()
+    result = train(model_b, [{"params": model_b.parameters()}], get_batch_b, step_fn_b,
+                   _cfg(num_steps=10_000, time_budget_s=50), tmp_path, progress=False)
+    assert result.resumed_from == 4 and result.stopped_by_budget and result.step == 5  # one step, then over
+    assert result.seconds >= 100
+
+
 def test_a_metric_some_micro_batches_lack_is_averaged_over_those_that_have_it(tmp_path):
     """With accumulation, a micro-batch without image blocks reports no code loss: it must not count as 0."""
     model, get_batch, step_fn = _problem()

@@ -36,7 +36,7 @@ class TrainResult:
     step: int
     resumed_from: int
     metrics: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time up to the last checkpoint of earlier tries, plus this one's
     stopped_by_budget: bool = False
 
 
@@ -185,7 +185,10 @@ def train(
                   "optimiser state starts fresh (the first steps after it move differently than an unbroken run)")
         start = ckpt.step
 
-    t0 = time.perf_counter()
+    # The time budget counts the training time of earlier tries too (saved with each checkpoint): a stage killed
+    # and resumed must not train longer in total than one that ran through.
+    before = float(ckpt.meta.get("train_seconds") or 0.0) if ckpt is not None else 0.0
+    t0 = time.perf_counter() - before
     metrics: dict[str, float] = dict(ckpt.meta.get("metrics") or {}) if ckpt is not None else {}
     stopped = False
     trained.train()
@@ -224,7 +227,8 @@ def train(
         if step % cfg.checkpoint_every == 0 or step == cfg.num_steps or over_budget:
             # The metrics too: a run killed after its last checkpoint resumes there with no step left to run,
             # and must still return (and its stage report) what training ended at.
-            extra = {"desc": desc, "loss": metrics.get("loss"), "metrics": metrics}
+            extra = {"desc": desc, "loss": metrics.get("loss"), "metrics": metrics,
+                     "train_seconds": time.perf_counter() - t0}
             if info is not None:
                 distributed.save_dcp(ckpt_dir, step, trained, optimizer, extra=extra)
             else:
