@@ -73,21 +73,34 @@ class ArtifactStore:
         Keys hash config and data, not code, so a forced rerun of an upstream stage keeps its key; the SUCCESS
         marker therefore also records which run of each input it read (`input_runs`: the input marker's time).
         A marker written before that was recorded counts an input finished after it as rerun."""
-        status = self.status(stage, key) or {}
-        runs = status.get("input_runs")
+        return self._stale(stage, key, {}, {})
+
+    def _stale(self, stage: str, key: str, statuses: dict, verdicts: dict) -> list[str]:
+        # The stage graph has diamonds (tokenizer-3 feeds nearly everything): each marker is read, and each
+        # stage judged, once per call, which matters when a read is a request to S3.
+        def status(s: str, k: str) -> dict:
+            if (s, k) not in statuses:
+                statuses[s, k] = self.status(s, k) or {}
+            return statuses[s, k]
+
+        if (stage, key) in verdicts:
+            return verdicts[stage, key]
+        mine = status(stage, key)
+        runs = mine.get("input_runs")
         if runs is None:
-            runs = {dep: {"key": k, "time": None} for dep, k in (status.get("inputs") or {}).items()}
+            runs = {dep: {"key": k, "time": None} for dep, k in (mine.get("inputs") or {}).items()}
         stale = []
         for dep, seen in runs.items():
-            now = self.status(dep, seen["key"]) or {}
+            now = status(dep, seen["key"])
             if now.get("status") != SUCCESS:
                 changed = True
             elif seen["time"] is None:
-                changed = float(now.get("time") or 0) > float(status.get("time") or 0)
+                changed = float(now.get("time") or 0) > float(mine.get("time") or 0)
             else:
                 changed = now.get("time") != seen["time"]
-            if changed or self.stale_inputs(dep, seen["key"]):
+            if changed or self._stale(dep, seen["key"], statuses, verdicts):
                 stale.append(dep)
+        verdicts[stage, key] = stale
         return stale
 
     def is_current(self, stage: str, key: str) -> bool:

@@ -181,3 +181,19 @@ def test_a_marker_from_before_input_runs_counts_an_input_finished_after_it_as_re
     time.sleep(0.01)
     store.mark("tokenizer-3", "t", SUCCESS, note="forced rerun")
     assert store.stale_inputs("llm-1", "l") == ["tokenizer-3"] and not store.is_current("llm-1", "l")
+
+
+def test_staleness_reads_each_marker_once_however_many_paths_lead_to_it(tmp_path, monkeypatch):
+    """A diamond (a feeds b and c, both feed d): on S3 every marker read is a request."""
+    store = ArtifactStore(tmp_path / "store")
+    store.mark("a", "k", SUCCESS)
+    runs = {"a": store.input_run("a", "k")}
+    for mid in ("b", "c"):
+        store.mark(mid, "k", SUCCESS, inputs={"a": "k"}, input_runs=runs)
+    store.mark("d", "k", SUCCESS, inputs={"b": "k", "c": "k"},
+               input_runs={m: store.input_run(m, "k") for m in ("b", "c")})
+    reads = []
+    real = store.status
+    monkeypatch.setattr(store, "status", lambda s, k: reads.append(s) or real(s, k))
+    assert store.stale_inputs("d", "k") == []
+    assert sorted(reads) == ["a", "b", "c", "d"]

@@ -91,10 +91,12 @@ def is_transient(exc: BaseException | None) -> bool:
             return True
     except ImportError:  # pragma: no cover
         pass
-    # botocore/aiobotocore connection errors do not derive from the builtins; match them by name.
+    # botocore/aiobotocore connection errors do not derive from the builtins; match them by name. So is
+    # kelix.stages.StageBusy (another process runs the stage: a later try finds it finished), which the runners
+    # must not import.
     names = {cls.__name__ for cls in type(exc).__mro__}
     return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
-                         "ConnectionClosedError", "ServerDisconnectedError", "ClientConnectorError"})
+                         "ConnectionClosedError", "ServerDisconnectedError", "ClientConnectorError", "StageBusy"})
 
 
 class Runner(Protocol):

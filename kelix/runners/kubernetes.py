@@ -537,7 +537,7 @@ class KubernetesRunner:
                                     stage=name, logs=logs)
         if EXIT_BUSY in codes:
             return TransientStageError(f"{where}: another process is running this stage into the same folder "
-                                       f"(exit code {EXIT_BUSY}); retried later{tail}", stage=name, logs=logs)
+                                       f"(exit code {EXIT_BUSY}); a retry, if attempts remain, finds it finished{tail}", stage=name, logs=logs)
         error, transient = marker_error(store, name, key)
         if transient:
             return TransientStageError(f"{where}: {error}{tail}", stage=name, logs=logs)

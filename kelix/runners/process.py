@@ -104,7 +104,7 @@ class SubprocessRunner:
         if rc == 2:
             raise StageConfigError(f"{where}: the stage rejected its arguments or config\n{logs}", stage=name, logs=logs)
         if rc == EXIT_BUSY:
-            raise TransientStageError(f"{where}: another process is running this stage; retried later\n{logs}",
+            raise TransientStageError(f"{where}: another process is running this stage (a retry, if attempts remain, finds it finished)\n{logs}",
                                       stage=name, logs=logs)
         if transient:
             raise TransientStageError(f"{where}: {error}", stage=name, logs=logs)
