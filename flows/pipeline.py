@@ -49,10 +49,11 @@ def kelix_pipeline(
     `force_before`: what `force` redoes, as a Unix time (default: when this run starts)."""
     t0 = time.perf_counter()
     log = get_run_logger()
+    force_before = (force_before or time.time()) if force else None
     settings = RunSettings(preset=preset, params=params, overrides=overrides or [], runner=runner, data=data,
-                           artifacts=artifacts, force=force or [], force_before=(force_before or time.time()) if force else None,
-                           retries=retries, retry_delay=retry_delay,
-                           mlflow_uri=mlflow_uri, runner_options=runner_options or {}, progress=progress)
+                           artifacts=artifacts, force=force or [], force_before=force_before, retries=retries,
+                           retry_delay=retry_delay, mlflow_uri=mlflow_uri, runner_options=runner_options or {},
+                           progress=progress)
     ctx = Context(settings)  # a bad config fails here, before anything runs
     log.info("preset %s, runner %s, data %s, artifacts %s", ctx.cfg.preset, ctx.runner.kind, ctx.data_dir, ctx.artifacts)
     checked = validate_data(settings)  # stops the pipeline if the dataset fails validation

@@ -28,9 +28,9 @@ from typing import Any, Callable
 import torch
 
 from kelix.artifacts import FAILED, LOCK_FILE, RUNNING, SUCCESS, ArtifactStore, store_uri
+from kelix.config import KelixConfig, config_hash
 from kelix.files import LockHeld, exclusive_lock
 from kelix.rerun import EXIT_BUSY, Force, force_cutoff
-from kelix.config import KelixConfig, config_hash
 from kelix.runtime_config import Resources
 from kelix.train.metrics import MetricLogger
 
@@ -202,7 +202,6 @@ class StageBusy(RuntimeError):
 
 # Errors that say the filesystem cannot hold a lock here at all (as opposed to "someone holds it").
 _NO_LOCKING = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EROFS, errno.EACCES, errno.EPERM)
-
 
 
 def resolve_device(spec: str | torch.device) -> torch.device:

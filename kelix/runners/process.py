@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kelix.rerun import EXIT_BUSY
+from kelix.rerun import EXIT_BUSY, force_args, up_to_date
 from kelix.runners.base import (StageConfigError, StageFailed, TransientStageError, check_inputs, finished_result,
                                 marker_error, params_yaml, skipped_result, stage_logger)
 
@@ -44,14 +44,11 @@ class SubprocessRunner:
                 force: bool | float) -> list[str]:
         cmd = [self.python, "-m", self.module, "run", name, "--preset", cfg.preset, "--params", str(params_file),
                "--data", str(data_dir), "--artifacts", artifacts]
-        from kelix.rerun import force_args
-
         return cmd + force_args(force)
 
     def run(self, name: str, cfg: "KelixConfig", data_dir: str | Path, artifacts: str, *, force: bool | float = False,
             tracking: "StageRun | None" = None) -> "StageResult":
         from kelix.artifacts import ArtifactStore
-        from kelix.rerun import up_to_date
         from kelix.stages import data_fingerprint, stage_keys
 
         store = ArtifactStore(artifacts)
@@ -104,8 +101,8 @@ class SubprocessRunner:
         if rc == 2:
             raise StageConfigError(f"{where}: the stage rejected its arguments or config\n{logs}", stage=name, logs=logs)
         if rc == EXIT_BUSY:
-            raise TransientStageError(f"{where}: another process is running this stage (a retry, if attempts remain, finds it finished)\n{logs}",
-                                      stage=name, logs=logs)
+            raise TransientStageError(f"{where}: another process is running this stage (a retry, if attempts remain, "
+                                      f"finds it finished)\n{logs}", stage=name, logs=logs)
         if transient:
             raise TransientStageError(f"{where}: {error}", stage=name, logs=logs)
         raise StageFailed(f"{where}: {error or 'see the log lines above'}\n{logs}", stage=name, logs=logs)
