@@ -78,6 +78,7 @@ def register(ctx: Context, parent_run_id: str | None) -> tuple[str, bool]:
 @task(name="gate-and-promote", cache_policy=NO_CACHE)
 def gate_and_promote(ctx: Context, version: str, reason: str, force: bool) -> dict[str, Any]:
     from kelix.registry import gate, promote as registry_promote, status
+    from kelix.registry.release import complete_promotion
 
     log = get_run_logger()
     current = {alias: meta["version"] for alias, meta in (status(ctx.cfg).get("aliases") or {}).items()}
@@ -87,11 +88,12 @@ def gate_and_promote(ctx: Context, version: str, reason: str, force: bool) -> di
         # The report shows the verdict recorded when it was promoted.
         from kelix.registry.store import configure
 
+        repaired = complete_promotion(version, ctx.cfg, reason)
         tags = configure().get_model_version(ctx.cfg.eval.model_name, version).tags
         failures = [f for f in tags.get("kelix.gate_failures", "").split("; ") if f]
-        log.info("promotion: version %s is already the champion", version)
+        log.info("promotion: version %s is already the champion%s", version, repaired)
         return {"gate_passed": tags.get("kelix.gate") == "passed", "gate_failures": failures,
-                "promotion": f"version {version} is already the champion", "aliases": current}
+                "promotion": f"version {version} is already the champion{repaired}", "aliases": current}
     decision = gate(version, ctx.cfg)
     if decision.passed or force:
         result = registry_promote(version, ctx.cfg, reason=reason, force=force)

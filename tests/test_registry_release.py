@@ -130,6 +130,30 @@ def test_the_gate_refuses_thresholds_of_another_preset_than_the_versions(registr
                                         "tiny preset's thresholds: pass --preset small (and the run's --params/--set)"]
 
 
+def test_a_promotion_killed_before_its_tags_is_completed_by_the_rerun(registry):
+    """Killed after the aliases moved: the champion had no promotion tags, the rerun said "already the champion"
+    and left them missing, and rollback (which walks back by those tags) lost track of it."""
+    from kelix.registry.release import complete_promotion
+
+    name = "m-interrupted"
+    cfg = cfg_for(name)
+    first = add_version(registry, name, GOOD)
+    assert promote(first, cfg, "baseline").promoted
+    second = add_version(registry, name, GOOD)
+    client = configure()
+    client.set_registered_model_alias(name, PREVIOUS, first)  # what promote() did before it was killed
+    client.set_registered_model_alias(name, CHAMPION, second)
+    assert "kelix.promoted_at" not in client.get_model_version(name, second).tags
+
+    result = promote(second, cfg, "rerun")
+    assert not result.promoted and result.message.endswith("the record of its interrupted promotion was completed")
+    tags = client.get_model_version(name, second).tags
+    assert tags["kelix.promoted_from"] == first and "completing an interrupted promotion" in tags["kelix.promotion_reason"]
+    assert client.get_model_version(name, first).tags["kelix.demoted_for"] == second
+    assert complete_promotion(second, cfg, "again") == ""  # nothing missing any more
+    assert rollback(cfg, "regression").message and aliases(name)[CHAMPION] == first
+
+
 def test_regression_against_champion(registry):
     name = "m-regress"
     cfg = cfg_for(name)

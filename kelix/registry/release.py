@@ -234,7 +234,8 @@ def promote(version: str, cfg: KelixConfig, reason: str, force: bool = False, ac
     with registry_lock():
         current = _alias(client, name, CHAMPION)
         if current == version:
-            return PromotionResult(False, version, current, f"version {version} is already the champion")
+            repaired = _complete_interrupted_promotion(client, name, version, who, reason, force)
+            return PromotionResult(False, version, current, f"version {version} is already the champion" + repaired)
         decision = gate(version, cfg, client)
         if not decision.passed and not force:
             return PromotionResult(False, version, current, decision.summary() + "; aliases unchanged", decision)
@@ -244,19 +245,49 @@ def promote(version: str, cfg: KelixConfig, reason: str, force: bool = False, ac
         if _alias(client, name, CHALLENGER) == version:
             client.delete_registered_model_alias(name, CHALLENGER)
         _check_aliases(client, name, {CHAMPION: version, **({PREVIOUS: current} if current else {})})
-        run_id = _record(client, name, "promote", current, version, who, reason, forced=str(bool(force)).lower(),
-                         gate_failures="; ".join(decision.failures))
-        stamp = _now()
-        for key, value in {"kelix.promoted_at": stamp, "kelix.promoted_by": who, "kelix.promotion_reason": reason,
-                           "kelix.promoted_from": current or "", "kelix.promotion_run_id": run_id,
-                           "kelix.forced": str(bool(force)).lower()}.items():
-            client.set_model_version_tag(name, version, key, value[:5000])
-        if current:
-            client.set_model_version_tag(name, current, "kelix.demoted_at", stamp)
-            client.set_model_version_tag(name, current, "kelix.demoted_for", version)
+        run_id = _write_promotion(client, name, version, current, who, reason, force, decision.failures)
     forced = " (forced past the gate)" if force and not decision.passed else ""
     return PromotionResult(True, version, current, f"version {version} is now champion{forced}"
                            + (f"; v{current} is previous-champion" if current else ""), decision, run_id)
+
+
+def _write_promotion(client, name: str, version: str, current: str | None, who: str, reason: str, force: bool,
+                     failures: list[str]) -> str:
+    """The record and version tags of a promotion of `version` over `current` (after the aliases moved)."""
+    run_id = _record(client, name, "promote", current, version, who, reason, forced=str(bool(force)).lower(),
+                     gate_failures="; ".join(failures))
+    stamp = _now()
+    for key, value in {"kelix.promoted_at": stamp, "kelix.promoted_by": who, "kelix.promotion_reason": reason,
+                       "kelix.promoted_from": current or "", "kelix.promotion_run_id": run_id,
+                       "kelix.forced": str(bool(force)).lower()}.items():
+        client.set_model_version_tag(name, version, key, value[:5000])
+    if current:
+        client.set_model_version_tag(name, current, "kelix.demoted_at", stamp)
+        client.set_model_version_tag(name, current, "kelix.demoted_for", version)
+    return run_id
+
+
+def _complete_interrupted_promotion(client, name: str, version: str, who: str, reason: str, force: bool) -> str:
+    """A promotion killed after moving the aliases, before its tags: the champion has no `promoted_at`, and
+    rollback's walk back reads those tags. Write them now (the previous champion is the alias's)."""
+    tags = _version(client, name, version).tags
+    if tags.get("kelix.promoted_at"):
+        return ""
+    previous = _alias(client, name, PREVIOUS)
+    failures = [f for f in tags.get("kelix.gate_failures", "").split("; ") if f]
+    _write_promotion(client, name, version, previous, who, f"{reason} (completing an interrupted promotion)",
+                     force, failures)
+    return "; the record of its interrupted promotion was completed"
+
+
+def complete_promotion(version: str, cfg: KelixConfig, reason: str, actor: str | None = None) -> str:
+    """For a rerun that finds `version` already champion: complete its promotion's record if it was cut short.
+    Returns what was done ("" if nothing was missing)."""
+    client = configure()
+    with registry_lock():
+        if _alias(client, cfg.eval.model_name, CHAMPION) != str(version):
+            return ""
+        return _complete_interrupted_promotion(client, cfg.eval.model_name, str(version), _actor(actor), reason, False)
 
 
 def rollback(cfg: KelixConfig, reason: str, actor: str | None = None) -> PromotionResult:
