@@ -16,6 +16,9 @@ Force = bool | float
 # `kelix stage run`'s exit code when another process is running the same stage into the same folder (EX_TEMPFAIL):
 # the runners retry it later, when the other run has finished and this one finds its outputs.
 EXIT_BUSY = 75
+# Part of that refusal's message. Under torchrun the exit code does not survive (torchrun exits 1 when a rank
+# fails), so a runner that sees only the pod's exit code finds the refusal in its log instead.
+BUSY_PHRASE = "is already running from"
 
 
 def force_cutoff(force: Force | None) -> float | None:

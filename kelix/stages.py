@@ -30,7 +30,7 @@ import torch
 from kelix.artifacts import FAILED, LOCK_FILE, RUNNING, SUCCESS, ArtifactStore, store_uri
 from kelix.config import KelixConfig, config_hash
 from kelix.files import LockHeld, exclusive_lock
-from kelix.rerun import EXIT_BUSY, Force, force_cutoff
+from kelix.rerun import BUSY_PHRASE, EXIT_BUSY, Force, force_cutoff
 from kelix.runtime_config import Resources
 from kelix.train.metrics import MetricLogger
 
@@ -249,7 +249,7 @@ def run_stage(
             try:
                 stack.enter_context(exclusive_lock(store.local_dir(name, key) / LOCK_FILE))
             except LockHeld as held:
-                raise StageBusy(f"stage {name} [{key}] is already running from {store.local_dir(name, key)}: {held}. "
+                raise StageBusy(f"stage {name} [{key}] {BUSY_PHRASE} {store.local_dir(name, key)}: {held}. "
                                 "Wait for it to finish, or stop that process, then rerun") from None
             except OSError as exc:
                 if exc.errno not in _NO_LOCKING:

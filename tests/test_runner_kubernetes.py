@@ -523,6 +523,19 @@ def test_a_job_deleted_while_followed_is_a_clear_transient_error(env, runner_log
     assert is_transient(info.value) and info.value.stage == "tokenizer-1"
 
 
+@pytest.mark.parametrize("code", [75, 1], ids=["one-process", "under-torchrun"])
+def test_a_stage_another_process_is_running_is_retried_later(env, code):
+    """Rank 0 found the stage folder locked (a pod the node lost still holds it). Alone it exits 75; under
+    torchrun the pod exits 1, and the refusal is found in the log instead."""
+    log = ("error: stage tokenizer-1 [0123] is already running from /checkpoints/kelix/tokenizer-1/0123: "
+           '{"pid": 7, "host": "old-pod"}. Wait for it to finish, or stop that process, then rerun\n')
+    _play_failed_job(env, "b5", "Error", code, log=log)
+    with pytest.raises(TransientStageError, match="another process is running this stage") as info:
+        _run(env)
+    env["cluster"].join()
+    assert is_transient(info.value)
+
+
 def test_exit_code_1_is_a_permanent_stage_failure(env):
     _play_failed_job(env, "i9", "Error", 1, log="Traceback (most recent call last):\nKeyError: 'lr'\n")
     with pytest.raises(StageFailed) as info:

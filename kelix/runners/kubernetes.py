@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from kelix.rerun import EXIT_BUSY, force_cutoff, up_to_date
+from kelix.rerun import BUSY_PHRASE, EXIT_BUSY, force_cutoff, up_to_date
 from kelix.runners import manifests
 from kelix.runners.base import (ImagePullError, StageConfigError, StageDeadlineExceeded, StageFailed, StageOOMKilled,
                                 TransientStageError, check_inputs, finished_result, is_transient, marker_error,
@@ -535,9 +535,9 @@ class KubernetesRunner:
         if 2 in codes:
             return StageConfigError(f"{where}: the stage rejected its arguments or config (exit code 2){tail}",
                                     stage=name, logs=logs)
-        if EXIT_BUSY in codes:
+        if EXIT_BUSY in codes or BUSY_PHRASE in logs:
             return TransientStageError(f"{where}: another process is running this stage into the same folder "
-                                       f"(exit code {EXIT_BUSY}); a retry, if attempts remain, finds it finished{tail}", stage=name, logs=logs)
+                                       f"; a retry, if attempts remain, finds it finished{tail}", stage=name, logs=logs)
         error, transient = marker_error(store, name, key)
         if transient:
             return TransientStageError(f"{where}: {error}{tail}", stage=name, logs=logs)
