@@ -47,6 +47,7 @@ def register(ctx: Context, parent_run_id: str | None) -> tuple[str, bool]:
     import mlflow
 
     from kelix.registry import register_bundle
+    from kelix.registry.release import complete_registration
 
     log = get_run_logger()
     key = ctx.keys["eval"]
@@ -59,7 +60,9 @@ def register(ctx: Context, parent_run_id: str | None) -> tuple[str, bool]:
     done_at = repr(status.get("time"))
     existing = registered_version(ctx, key, done_at)
     if existing:
-        log.info("bundle of eval %s is already registered as %s v%s", key, ctx.cfg.eval.model_name, existing)
+        repaired = complete_registration(existing, ctx.cfg)
+        log.info("bundle of eval %s is already registered as %s v%s%s", key, ctx.cfg.eval.model_name, existing,
+                 repaired)
         return existing, False
     out_dir = ctx.store.pull("eval", key)
     metrics = dict(status.get("metrics") or {})

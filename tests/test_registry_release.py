@@ -154,6 +154,23 @@ def test_a_promotion_killed_before_its_tags_is_completed_by_the_rerun(registry):
     assert rollback(cfg, "regression").message and aliases(name)[CHAMPION] == first
 
 
+def test_a_registration_killed_before_its_alias_is_completed_by_the_rerun(registry):
+    """Killed after register_model: the rerun reuses the version (same eval run), which had no alias."""
+    from kelix.registry.release import complete_registration
+
+    name = "m-unaliased"
+    cfg = cfg_for(name)
+    version = add_version(registry, name, GOOD)  # registered, then killed before the alias and the record
+    assert aliases(name)[CHALLENGER] is None
+    assert complete_registration(version, cfg) == "; its interrupted registration was completed (alias challenger)"
+    assert aliases(name)[CHALLENGER] == version
+    assert complete_registration(version, cfg) == ""  # finished now: nothing more
+    assert promote(version, cfg, "baseline").promoted
+    assert complete_registration(version, cfg) == "" and aliases(name)[CHAMPION] == version
+    # A registration that finished the first time is left as it is.
+    assert complete_registration(registry["version"], registry["cfg"]) == ""
+
+
 def test_regression_against_champion(registry):
     name = "m-regress"
     cfg = cfg_for(name)

@@ -199,6 +199,23 @@ def register_bundle(bundle_dir: str | Path, cfg: KelixConfig, metrics: dict[str,
     return version
 
 
+def complete_registration(version: str, cfg: KelixConfig) -> str:
+    """For a rerun that reuses `version`: a registration killed after `register_model`, before the challenger
+    alias, left a version with no alias-change record at all; point `challenger` at it now. Returns what was
+    done ("" when its registration had finished)."""
+    client = configure()
+    name, version = cfg.eval.model_name, str(version)
+    with registry_lock():
+        if any(k.startswith(EVENT) for k in _version(client, name, version).tags):
+            return ""
+        before = _alias(client, name, CHALLENGER)
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        _check_aliases(client, name, {CHALLENGER: version})
+        _record(client, name, "register", before, version, _actor(None),
+                "new evaluated bundle (completing an interrupted registration)")
+    return "; its interrupted registration was completed (alias challenger)"
+
+
 def gate(version: str, cfg: KelixConfig, client=None) -> GateDecision:
     """Check a version's metric tags against the thresholds and the current champion; tag the verdict."""
     client = client or configure()
