@@ -209,18 +209,13 @@ class KubernetesRunner:
     def _cancel(self, jname: str, namespace: str, log: Any) -> None:
         """Delete the Job of a cancelled run, whose GPUs would otherwise stay busy with work nobody waits for.
         One request with a timeout, no retries and no waiting for the pods: a cancellation must not hang."""
-        from kubernetes.client.exceptions import ApiException
-
         try:
             self.batch.delete_namespaced_job(jname, namespace, propagation_policy="Foreground", _request_timeout=10)
-        except ApiException as exc:
-            if exc.status != 404:
-                log.warning("run cancelled, but deleting job %s/%s failed (%s); delete it yourself: "
-                            "kubectl delete job -n %s %s", namespace, jname, exc.reason, namespace, jname)
-            return
         except Exception as exc:  # noqa: BLE001 - the cancellation, re-raised by the caller, matters more
-            log.warning("run cancelled, but deleting job %s/%s failed (%s); delete it yourself: "
-                        "kubectl delete job -n %s %s", namespace, jname, exc, namespace, jname)
+            if getattr(exc, "status", None) != 404:  # an ApiException 404: already gone
+                log.warning("run cancelled, but deleting job %s/%s failed (%s); delete it yourself: "
+                            "kubectl delete job -n %s %s", namespace, jname, getattr(exc, "reason", None) or exc,
+                            namespace, jname)
             return
         log.warning("run cancelled: deleted job %s/%s and its pods", namespace, jname)
 
@@ -536,8 +531,8 @@ class KubernetesRunner:
             return StageConfigError(f"{where}: the stage rejected its arguments or config (exit code 2){tail}",
                                     stage=name, logs=logs)
         if EXIT_BUSY in codes or BUSY_PHRASE in logs:
-            return TransientStageError(f"{where}: another process is running this stage into the same folder "
-                                       f"; a retry, if attempts remain, finds it finished{tail}", stage=name, logs=logs)
+            return TransientStageError(f"{where}: another process is running this stage into the same folder; "
+                                       f"a retry, if attempts remain, finds it finished{tail}", stage=name, logs=logs)
         error, transient = marker_error(store, name, key)
         if transient:
             return TransientStageError(f"{where}: {error}{tail}", stage=name, logs=logs)
