@@ -8,10 +8,16 @@ encodes every object exactly would give. The DiT trains with the tiny preset's A
 stage's own trainer, then is scored like the aedit stage (PSNR, detector agreement on val).
 
     .venv/bin/python benchmarks/probe_oracle_dit.py --steps 300
+
+The DiT takes the preset's AE-DiT settings (`dit.ae_prediction`, `dit.ae_logit_mean`, `dit.ae_guidance_scale`);
+`--conds` conditions on an aedit stage's cached tokenizer codes instead of the oracle. It also prints how far
+the network's estimate of the image, x - sigma * v, is from the image at a few noise levels: at sigma = 1 the
+input is pure noise, so whatever noise the estimate still holds is what sampling keeps as speckle.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -24,19 +30,46 @@ import torch  # noqa: E402
 
 from kelix.config import load_config  # noqa: E402
 from kelix.data.reader import load_split  # noqa: E402
+from kelix.dit import flow  # noqa: E402
 from kelix.dit.model import KelixDiT  # noqa: E402
 from kelix.dit.pipeline import psnr, same_objects, to_tensor  # noqa: E402
 from kelix.dit.trainer import DiTData, grid_image, train_dit  # noqa: E402
 from probe_oracle_reader import oracle_labels  # noqa: E402
 
 
+def conditions(conds_path: str, records: list[dict], val_records: list[dict], grid: int, size: int):
+    """(train conditions, val conditions, what): the oracle's, or an aedit stage's cached tokenizer codes."""
+    if conds_path:
+        from safetensors.torch import load_file
+
+        cache = load_file(conds_path)
+        n = min(len(cache["val"]), len(val_records))  # the stage caches dit.num_eval_images val conditions
+        return cache["train"], cache["val"][:n], "code-conditioned"
+    table = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    return table[oracle_labels(records, grid, size)], table[oracle_labels(val_records, grid, size)], "oracle-conditioned"
+
+
+@torch.no_grad()
+def estimate_errors(model: KelixDiT, x0: torch.Tensor, cond: torch.Tensor, sigmas=(0.1, 0.4, 0.8, 1.0)) -> dict[float, float]:
+    """MSE of the network's image estimate x - sigma * v against x0 (in [-1, 1]) at fixed noise levels."""
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    c = model.prepare_cond(cond)
+    out = {}
+    for s in sigmas:
+        sigma = torch.full((len(x0),), s)
+        x = flow.noisy(x0, noise, sigma)
+        out[s] = float(((x - s * model(x, sigma, c)).clamp(-1, 1) - x0).pow(2).mean())
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/shapes")
     parser.add_argument("--steps", type=int, default=0, help="training steps (default: the preset's AE-DiT schedule)")
-    parser.add_argument("--cond-dim", type=int, default=64)
     parser.add_argument("--val-images", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--conds", default="", help="an aedit stage's cond_cache.safetensors: condition on the "
+                                                    "tokenizer's codes (train split of the cache) instead of the oracle")
     parser.add_argument("--grid", default="", help="also save originals over samples (8 val images) as this PNG")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -48,25 +81,27 @@ def main(argv: list[str] | None = None) -> int:
     size, grid = cfg.tokenizer.image_size, cfg.tokenizer.grid
     records, images = load_split(args.data, "train", size)
     val_records, val_images = load_split(args.data, "val", size, limit=args.val_images)
-    table = torch.randn(64, args.cond_dim, generator=torch.Generator().manual_seed(0))
-    conds = table[oracle_labels(records, grid, size)]
-    val_conds = table[oracle_labels(val_records, grid, size)]
+    conds, val_conds, what = conditions(args.conds, records, val_records, grid, size)
+    val_images = val_images[: len(val_conds)]
+    dcfg = dataclasses.replace(cfg.dit, prediction=cfg.dit.ae_prediction, logit_mean=cfg.dit.ae_logit_mean,
+                               guidance_scale=cfg.dit.ae_guidance_scale)
     torch.manual_seed(tcfg.seed)
-    model = KelixDiT.from_config(cfg.dit, args.cond_dim)
-    model.cfg.guidance_scale = cfg.dit.ae_guidance_scale
+    model = KelixDiT.from_config(dcfg, conds.shape[-1])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
-        train_dit(model, DiTData(images, conds), tcfg, Path(run_dir), "oracle-aedit", progress=False)
+        train_dit(model, DiTData(images, conds), tcfg, Path(run_dir), "probe-aedit", progress=False)
     seconds = time.perf_counter() - t0
     model.eval()
+    errors = estimate_errors(model, model.encode_images(val_images.float() / 255), val_conds)
     out = model.sample(val_conds, seed=0)
     ref = val_images.float() / 255
     agree = [same_objects(o, r) for o, r in zip(ref, to_tensor(out, ref.shape[-1]))]
     if args.grid:
         grid_image([to_tensor(ref[:8], out.shape[-1]), out[:8]]).save(args.grid)
-    print(f"oracle-conditioned AE-DiT, {tcfg.num_steps} steps ({seconds:.0f} s): "
-          f"PSNR {float(psnr(ref, out).mean()):.1f} dB, detector agreement {sum(agree) / len(agree):.3f} "
-          f"on {len(agree)} val images")
+    print(f"{what} AE-DiT ({dcfg.prediction} prediction, logit mean {dcfg.logit_mean}), {tcfg.num_steps} steps "
+          f"({seconds:.0f} s): PSNR {float(psnr(ref, out).mean()):.1f} dB, detector agreement "
+          f"{sum(agree) / len(agree):.3f} on {len(agree)} val images; image-estimate MSE "
+          + ", ".join(f"{e:.3f} at sigma {s}" for s, e in errors.items()))
     return 0
 
 

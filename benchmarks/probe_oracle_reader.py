@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from kelix.data.reader import iter_records  # noqa: E402
 from kelix.data.shapes import COLOURS, SHAPES  # noqa: E402
+from kelix.dit.model import sincos_positions  # noqa: E402
 from kelix.text import dataset_texts, train_text_tokenizer  # noqa: E402
 from kelix.tokenizer.aux_decoder import AuxDecoder  # noqa: E402
 from kelix.tokenizer.config import tokenizer_preset  # noqa: E402
@@ -67,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--val-images", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--position-embedding", action="store_true",
-                        help="add a learned vector per grid position to the prefix (the reader's only other "
-                             "position signal is RoPE over the raster order)")
+    parser.add_argument("--position-embedding", choices=("none", "learned", "sincos"), default="none",
+                        help="add a vector per grid position to the prefix, learned or a fixed 2D sin-cos code "
+                             "(the reader's only other position signal is RoPE over the raster order)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -79,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, val_rows = TextRows(train, text_tok, cfg.max_text_len), TextRows(val, text_tok, cfg.max_text_len)
     labels, val_labels = (oracle_labels(r, cfg.grid, cfg.image_size) for r in (train, val))
     table = torch.nn.Embedding(1 + len(COLOURS) * len(SHAPES), cfg.embed_dim)
-    positions = torch.nn.Parameter(torch.zeros(cfg.num_positions, cfg.embed_dim), requires_grad=args.position_embedding)
+    init = (sincos_positions(cfg.num_positions, cfg.embed_dim) if args.position_embedding == "sincos"
+            else torch.zeros(cfg.num_positions, cfg.embed_dim))
+    positions = torch.nn.Parameter(init, requires_grad=args.position_embedding == "learned")
     aux = AuxDecoder.from_tokenizer_config(cfg, text_tok.vocab_size)
 
     def prefix(lab: torch.Tensor) -> torch.Tensor:

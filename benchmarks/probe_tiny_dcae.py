@@ -29,7 +29,7 @@ from kelix.data.reader import load_split  # noqa: E402
 from kelix.dit.model import KelixDiT  # noqa: E402
 from kelix.dit.pipeline import psnr, same_objects, to_tensor  # noqa: E402
 from kelix.dit.trainer import DiTData, grid_image, train_dit  # noqa: E402
-from probe_oracle_reader import oracle_labels  # noqa: E402
+from probe_oracle_dit import conditions  # noqa: E402
 
 
 def small_dcae(channels: tuple[int, ...], latent_channels: int) -> AutoencoderDC:
@@ -107,17 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
     dit_cfg = cfg.dit
     dit_cfg.latent, dit_cfg.image_size, dit_cfg.output_size = "dcae", size, size
-    if args.conds:
-        from safetensors.torch import load_file
-
-        cache = load_file(args.conds)
-        n = min(len(cache["val"]), len(val_records))  # the stage caches dit.num_eval_images val conditions
-        conds, val_conds, what = cache["train"], cache["val"][:n], "code-conditioned"
-        ref = ref[:n]
-    else:
-        table = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
-        conds, val_conds = table[oracle_labels(records, grid, size)], table[oracle_labels(val_records, grid, size)]
-        what = "oracle-conditioned"
+    conds, val_conds, what = conditions(args.conds, records, val_records, grid, size)
+    ref = ref[: len(val_conds)]
     tcfg = cfg.dit.train_ae
     if args.dit_steps:
         tcfg.num_steps = args.dit_steps

@@ -67,6 +67,8 @@ def test_stages_end_to_end(upstream):
     assert 0 <= ae["detector_agreement"] <= 1 and ae["psnr"] > 0
     aedit_model = KelixDiT.from_pretrained(root / "aedit" / "model")
     assert aedit_model.cond_dim == cfg.tokenizer.embed_dim and aedit_model.cfg.guidance_scale == cfg.dit.ae_guidance_scale
+    # The AE-DiT trains and samples with its own prediction target (tiny: x-prediction), the DiT with SANA's.
+    assert (aedit_model.cfg.prediction, aedit_model.cfg.logit_mean) == ("sample", 0.8) != (cfg.dit.prediction, cfg.dit.logit_mean)
     grid = Image.open(root / "aedit" / "samples.png")
     assert grid.size == (4 * 64, 2 * 64)  # originals over samples, num_eval_images=4 columns at output_size
     # A rerun in the same folder resumes from the final checkpoint and reuses the cached conditions.
@@ -75,7 +77,8 @@ def test_stages_end_to_end(upstream):
 
     d1 = stages.pretrain(_ctx(root, data, cfg, "dit-1", ["tokenizer-3", "llm-4"]))
     assert d1["steps"] == 3 and (root / "dit-1" / stages.CACHE).exists()
-    assert KelixDiT.from_pretrained(root / "dit-1" / "model").cond_dim == cfg.llm.hidden_size
+    dit1 = KelixDiT.from_pretrained(root / "dit-1" / "model")
+    assert dit1.cond_dim == cfg.llm.hidden_size and dit1.cfg.prediction == "velocity"
     d2 = stages.sft(_ctx(root, data, cfg, "dit-2", ["dit-1", "tokenizer-3", "llm-4"]))
     assert d2["sft_examples"] == pytest.approx(24 * cfg.dit.sft_fraction, abs=3)  # rounded per object count
     assert 0 <= d2["gen_objects"] <= 1

@@ -47,6 +47,11 @@ class DiTConfig:
     ema_decay: float = 0.995
     # AE-DiT sampling guidance (its condition pins the image down; strong guidance only oversaturates).
     ae_guidance_scale: float = 1.0
+    # The AE-DiT's own `prediction` and `logit_mean`. Its condition nearly fixes the image, so in pixel space
+    # x-prediction trained towards noise gives clean reconstructions where velocity prediction leaves the
+    # input noise in as speckle; text-to-image from generated codes scored lower with it (docs/benchmarks.md).
+    ae_prediction: Literal["velocity", "sample"] = "velocity"
+    ae_logit_mean: float = 0.0
     # Share of training images kept for SFT (best quality score first).
     sft_fraction: float = 0.5
     # Validation images scored (PSNR, detector agreement) at the end of each stage.
@@ -60,7 +65,7 @@ class DiTConfig:
 
 def dit_preset(preset: str) -> DiTConfig:
     if preset == "tiny":
-        return DiTConfig()
+        return DiTConfig(ae_prediction="sample", ae_logit_mean=0.8)
     if preset == "small":
         return DiTConfig(
             latent="dcae", dcae_path="weights/dc-ae-f32c32", image_size=256, output_size=224, patch_size=1,

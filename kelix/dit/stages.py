@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from kelix.data.reader import load_split
+from kelix.dit.config import DiTConfig
 from kelix.dit.model import KelixDiT
 from kelix.dit.pipeline import generate_images, psnr, same_objects, tokenizer_condition, to_tensor
 from kelix.dit.trainer import DiTData, eval_loss, grid_image, per_example_loss, train_dit
@@ -103,11 +104,11 @@ def _load_llm(ctx):
     return KelixLLM.from_pretrained(llm_dir / "model", map_location=ctx.device).to(ctx.device).eval(), TextTokenizer.load(llm_dir)
 
 
-def _new_model(ctx, cond_dim: int, schedule: TrainConfig) -> KelixDiT:
+def _new_model(ctx, cond_dim: int, schedule: TrainConfig, dcfg: DiTConfig | None = None) -> KelixDiT:
     # The initial weights are part of the stage's result: seeded by the stage's own schedule, which its key
     # covers (aedit's key leaves out train1, so seeding it from train1 reused a stale aedit on a change).
     torch.manual_seed(schedule.seed)
-    return KelixDiT.from_config(ctx.cfg.dit, cond_dim).to(ctx.device)
+    return KelixDiT.from_config(dcfg or ctx.cfg.dit, cond_dim).to(ctx.device)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -157,8 +158,10 @@ def aedit(ctx) -> dict[str, float]:
     records, images = load_split(ctx.data_dir, "train", size)
     val_records, val_images = load_split(ctx.data_dir, "val", size, limit=dcfg.num_eval_images)
     tokenizer = _load_tokenizer(ctx)
-    model = _new_model(ctx, tokenizer.embed_dim, dcfg.train_ae)
-    model.cfg.guidance_scale = dcfg.ae_guidance_scale  # saved with the model: reconstruct() samples with it
+    # Saved with the model: reconstruct() samples with the AE-DiT's own guidance and prediction.
+    ae_cfg = dataclasses.replace(dcfg, guidance_scale=dcfg.ae_guidance_scale, prediction=dcfg.ae_prediction,
+                                 logit_mean=dcfg.ae_logit_mean)
+    model = _new_model(ctx, tokenizer.embed_dim, dcfg.train_ae, ae_cfg)
     keys = [r["key"] for r in records + val_records]
     cache = _cached(ctx.out_dir / CACHE, keys, lambda: {
         "train": _tokenizer_conds(tokenizer, images, ctx.device, ctx.progress),
