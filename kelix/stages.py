@@ -243,14 +243,14 @@ def run_stage(
     keys = stage_keys(cfg, data_fingerprint(data_dir), [name])
     key = keys[name]
     t0 = time.perf_counter()
-    cutoff = force_cutoff(force)
     with contextlib.ExitStack() as stack:
+        busy = ""
         if main:
             try:
                 stack.enter_context(exclusive_lock(store.local_dir(name, key) / LOCK_FILE))
             except LockHeld as held:
-                raise StageBusy(f"stage {name} [{key}] {BUSY_PHRASE} {store.local_dir(name, key)}: {held}. "
-                                "Wait for it to finish, or stop that process, then rerun") from None
+                busy = (f"stage {name} [{key}] {BUSY_PHRASE} {store.local_dir(name, key)}: {held}. "
+                        "Wait for it to finish, or stop that process, then rerun")
             except OSError as exc:
                 if exc.errno not in _NO_LOCKING:
                     raise
@@ -258,59 +258,80 @@ def run_stage(
                 # rather than not at all; the guard only matters when two runs of one stage overlap.
                 print(f"warning: cannot lock {store.local_dir(name, key)} ({exc.strerror}); running without the "
                       "guard against a second run of this stage", file=sys.stderr)
-        return _run_stage(stage, cfg, data_dir, store, keys, cutoff, progress, main, t0)
+        # Only the main process, holding the lock, reads the markers; the other torchrun ranks follow its plan.
+        # Ranks that each read them could disagree (one sees the SUCCESS a finishing run just wrote, another the
+        # RUNNING before it) and one would train while another returned, waiting at a collective for ever.
+        plan = _plan(stage, store, keys, force_cutoff(force)) if main and not busy else None
+        busy, plan = distributed.from_main((busy, plan))
+        if busy:
+            raise StageBusy(busy)
+        return _run_stage(stage, cfg, data_dir, store, keys, plan, progress, main, t0)
 
 
-def _run_stage(stage: Stage, cfg: KelixConfig, data_dir: Path, store: ArtifactStore, keys: dict[str, str],
-               cutoff: float | None, progress: bool, main: bool, t0: float) -> StageResult:
-    """`run_stage` once the stage's lock is held (by the main process; the other ranks follow it)."""
-    from kelix.runners.base import is_transient
-    from kelix.train import distributed
+@dataclass
+class _Plan:
+    """What the store says a stage needs: nothing (`done`), a start over (`restart`) or a run or resume."""
+    done: bool = False
+    restart: bool = False
+    input_runs: dict[str, float] = field(default_factory=dict)
+    note: str = ""  # why it starts over
+    missing: str = ""  # an input is not finished or not current: the stage cannot run
 
+
+def _plan(stage: Stage, store: ArtifactStore, keys: dict[str, str], cutoff: float | None) -> _Plan:
     name, key = stage.name, keys[stage.name]
-    out_dir = store.local_dir(name, key)
     status = store.status(name, key) or {}
     done = status.get("status") == SUCCESS
     forced = done and cutoff is not None and float(status.get("time") or 0) < cutoff
     stale = store.stale_inputs(name, key) if done else []
     if done and not forced and not stale:
-        out_dir = store.pull(name, key)
-        return StageResult(name, key, out_dir, _read_metrics(out_dir), True, time.perf_counter() - t0)
-
-    inputs, input_runs = {}, {}
+        return _Plan(done=True)
+    input_runs = {}
     for dep in stage.inputs:
         if not store.is_done(dep, keys[dep]):
-            raise StageInputMissing(
-                f"stage {name} needs {dep} (key {keys[dep]}) which has not finished in {store.uri}: "
-                f"run `kelix stage run {dep}` first, or `kelix pipeline run`"
-            )
+            return _Plan(missing=f"stage {name} needs {dep} (key {keys[dep]}) which has not finished in {store.uri}: "
+                                 f"run `kelix stage run {dep}` first, or `kelix pipeline run`")
         upstream = store.stale_inputs(dep, keys[dep])
         if upstream:
-            raise StageInputMissing(
-                f"stage {name} needs {dep} (key {keys[dep]}), whose inputs {', '.join(upstream)} were rerun after "
-                f"it finished: run `kelix stage run {dep}` first, or `kelix pipeline run`")
+            return _Plan(missing=f"stage {name} needs {dep} (key {keys[dep]}), whose inputs {', '.join(upstream)} "
+                                 f"were rerun after it finished: run `kelix stage run {dep}` first, or "
+                                 "`kelix pipeline run`")
         input_runs[dep] = store.input_run(dep, keys[dep])
-        inputs[dep] = store.pull(dep, keys[dep])
     # An unfinished try (crashed or killed) resumes from its checkpoints only if they were trained on the same
     # runs of its inputs; its RUNNING/FAILED marker says which.
     moved = not done and status.get("input_runs") not in (None, input_runs)
-    if main and (stale or moved):
-        print(f"{name}: starting over, its inputs {', '.join(stale)} were rerun after it finished" if stale else
-              f"{name}: starting over, its inputs were rerun since its unfinished try", file=sys.stderr)
-
+    note = (f"{name}: starting over, its inputs {', '.join(stale)} were rerun after it finished" if stale else
+            f"{name}: starting over, its inputs were rerun since its unfinished try" if moved else "")
     # Forcing a finished stage, or one whose inputs were rerun, starts it over: its checkpoints would otherwise
     # resume it at its last step and redo nothing (keys hash config and data, not code, so a force usually
     # follows a code change). A forced try that crashed is not finished, so the next one resumes it instead of
-    # starting over again. Every rank decides before the main process changes the store, and none reads a
-    # checkpoint before it is cleared.
-    restart = (done and (forced or bool(stale))) or moved
-    distributed.barrier()
+    # starting over again.
+    return _Plan(restart=(done and (forced or bool(stale))) or moved, input_runs=input_runs, note=note)
+
+
+def _run_stage(stage: Stage, cfg: KelixConfig, data_dir: Path, store: ArtifactStore, keys: dict[str, str],
+               plan: _Plan, progress: bool, main: bool, t0: float) -> StageResult:
+    """`run_stage` once the main process holds the stage's lock and has planned the run for every rank."""
+    from kelix.runners.base import is_transient
+    from kelix.train import distributed
+
+    name, key = stage.name, keys[stage.name]
+    if plan.missing:
+        raise StageInputMissing(plan.missing)
+    if plan.done:
+        out_dir = store.pull(name, key)
+        return StageResult(name, key, out_dir, _read_metrics(out_dir), True, time.perf_counter() - t0)
+    inputs = {dep: store.pull(dep, keys[dep]) for dep in stage.inputs}
+    input_runs = plan.input_runs
+    if main and plan.note:
+        print(plan.note, file=sys.stderr)
+    out_dir = store.local_dir(name, key)
     out_dir.mkdir(parents=True, exist_ok=True)
     if main:
         store.mark(name, key, RUNNING, inputs={d: keys[d] for d in stage.inputs}, input_runs=input_runs)
-        if restart:
+        if plan.restart:
             store.clear(name, key)
-    distributed.barrier()
+    distributed.barrier()  # no rank reads a checkpoint before the main process has cleared them
     ctx = StageContext(
         name=name, cfg=cfg, data_dir=data_dir, inputs=inputs, out_dir=out_dir,
         device=resolve_device(cfg.runtime.device), key=key,

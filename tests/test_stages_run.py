@@ -150,3 +150,42 @@ def test_a_volume_that_cannot_lock_runs_the_stage_unguarded_with_a_warning(tmp_p
     assert not run_stage("tokenizer-1", cfg, tiny_dataset, str(tmp_path / "store"), progress=False).skipped
     err = capsys.readouterr().err
     assert "cannot lock" in err and "(No locks available); running without the guard" in err
+
+
+def test_other_torchrun_ranks_follow_the_main_process_plan_without_reading_the_markers(tmp_path, tiny_dataset,
+                                                                                       monkeypatch):
+    """Ranks that read the markers each on its own could disagree: one sees the SUCCESS a finishing run just wrote
+    and returns, another the RUNNING before it and trains, waiting at a collective for ever. A rank other than
+    the main process takes the plan the main process broadcasts (the busy refusal included) and never reads a
+    marker itself."""
+    import pytest
+
+    from kelix import stages
+    from kelix.config import load_config
+    from kelix.train import distributed
+
+    cfg = load_config("tiny", overrides=[*SMALL, "tokenizer.train1.num_steps=2"])
+    store = str(tmp_path / "store")
+    done = stages.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
+    # This rank's own view: the stage crashed. The main process found it finished.
+    ArtifactStore(store).mark("tokenizer-1", done.key, FAILED, error="killed")
+    broadcast = []
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+    monkeypatch.setattr(distributed, "from_main", lambda obj: (broadcast.append(obj), main_says)[1])
+
+    def no_markers(*args, **kwargs):
+        raise AssertionError("a non-main rank read a marker")
+
+    monkeypatch.setattr(ArtifactStore, "status", no_markers)
+    main_says = ("", stages._Plan(done=True))
+    result = stages.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
+    assert result.skipped and result.metrics == done.metrics
+    assert broadcast == [("", None)]  # it sent nothing of its own
+
+    main_says = ("stage tokenizer-1 [k] is busy: pid 1 on host-a", None)
+    with pytest.raises(stages.StageBusy, match="pid 1 on host-a"):
+        stages.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
+
+    main_says = ("", stages._Plan(missing="stage tokenizer-2 needs tokenizer-1"))
+    with pytest.raises(stages.StageInputMissing, match="needs tokenizer-1"):
+        stages.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)

@@ -175,6 +175,15 @@ def load_dcp(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimize
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
+def from_main(obj):
+    """The main process's `obj` on every rank (`obj` itself in a single process); every rank must call it."""
+    if current() is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op in a single process)."""
     if current() is not None:
