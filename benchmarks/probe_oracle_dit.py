@@ -17,7 +17,6 @@ input is pure noise, so whatever noise the estimate still holds is what sampling
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time
@@ -83,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     val_records, val_images = load_split(args.data, "val", size, limit=args.val_images)
     conds, val_conds, what = conditions(args.conds, records, val_records, grid, size)
     val_images = val_images[: len(val_conds)]
-    dcfg = dataclasses.replace(cfg.dit, prediction=cfg.dit.ae_prediction, logit_mean=cfg.dit.ae_logit_mean,
-                               guidance_scale=cfg.dit.ae_guidance_scale)
+    dcfg = cfg.dit.for_autoencoder()
     torch.manual_seed(tcfg.seed)
     model = KelixDiT.from_config(dcfg, conds.shape[-1])
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ trained as a stage of its own. This probe trains such an autoencoder on the shap
 no adversarial loss), scores its own reconstructions (PSNR, detector agreement on val: the ceiling of any
 DiT in its latent space), then trains the AE-DiT in that latent space on the oracle condition of
 `probe_oracle_dit.py` (or, with `--conds`, on an aedit stage's cached tokenizer conditions) with the preset's
-AE-DiT schedule, so the last line compares with that probe's rows and with the aedit stage.
+AE-DiT settings and schedule, so the last line compares with that probe's rows and with the aedit stage.
 
     .venv/bin/python benchmarks/probe_tiny_dcae.py --ae-steps 300
 """
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
           f"c{args.latent_channels}, {args.ae_steps} steps ({ae_seconds:.0f} s): PSNR {float(psnr(ref, recon).mean()):.1f} dB, "
           f"detector agreement {agreement(ref, recon):.3f} on {len(ref)} val images", flush=True)
 
-    dit_cfg = cfg.dit
+    dit_cfg = cfg.dit.for_autoencoder()
     dit_cfg.latent, dit_cfg.image_size, dit_cfg.output_size = "dcae", size, size
     conds, val_conds, what = conditions(args.conds, records, val_records, grid, size)
     ref = ref[: len(val_conds)]
@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         tcfg.num_steps = args.dit_steps
     torch.manual_seed(tcfg.seed)
     model = KelixDiT(dit_cfg, conds.shape[-1], ae)
-    model.cfg.guidance_scale = cfg.dit.ae_guidance_scale
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         train_dit(model, DiTData(z * ae.config.scaling_factor, conds), tcfg, Path(run_dir), "dcae-aedit", progress=False)

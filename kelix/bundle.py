@@ -321,7 +321,7 @@ def init_bundle(out_dir: str | Path, cfg: KelixConfig) -> Path:
         llm.save_pretrained(work / "llm" / "model")
         # The DiT reads the LLM's hidden states, the AE-DiT the tokenizer's pooled code embeddings.
         KelixDiT.from_config(cfg.dit, cond_dim=cfg.llm.hidden_size).save_pretrained(work / "dit" / "model")
-        KelixDiT.from_config(cfg.dit, cond_dim=tok.embed_dim).save_pretrained(work / "aedit" / "model")
+        KelixDiT.from_config(cfg.dit.for_autoencoder(), cond_dim=tok.embed_dim).save_pretrained(work / "aedit" / "model")
         return assemble(out_dir, {part: work / part for part in PARTS}, cfg)
     finally:
         shutil.rmtree(work, ignore_errors=True)

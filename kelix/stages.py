@@ -244,28 +244,43 @@ def run_stage(
     key = keys[name]
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        busy = ""
+        busy, plan, failure = "", None, None
         if main:
             try:
-                stack.enter_context(exclusive_lock(store.local_dir(name, key) / LOCK_FILE))
-            except LockHeld as held:
-                busy = (f"stage {name} [{key}] {BUSY_PHRASE} {store.local_dir(name, key)}: {held}. "
-                        "Wait for it to finish, or stop that process, then rerun")
-            except OSError as exc:
-                if exc.errno not in _NO_LOCKING:
-                    raise
-                # A volume without flock (some NFS/Lustre mounts, FUSE) or a read-only store: run unguarded
-                # rather than not at all; the guard only matters when two runs of one stage overlap.
-                print(f"warning: cannot lock {store.local_dir(name, key)} ({exc.strerror}); running without the "
-                      "guard against a second run of this stage", file=sys.stderr)
+                busy = _lock(stack, store, name, key)
+                plan = None if busy else _plan(stage, store, keys, force_cutoff(force))
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+                failure = exc
         # Only the main process, holding the lock, reads the markers; the other torchrun ranks follow its plan.
         # Ranks that each read them could disagree (one sees the SUCCESS a finishing run just wrote, another the
-        # RUNNING before it) and one would train while another returned, waiting at a collective for ever.
-        plan = _plan(stage, store, keys, force_cutoff(force)) if main and not busy else None
-        busy, plan = distributed.from_main((busy, plan))
+        # RUNNING before it) and one would train while another returned, waiting at a collective for ever. A
+        # failure is sent too, so no rank waits for a plan that never comes.
+        why = f"{type(failure).__name__}: {failure}" if failure is not None else ""
+        busy, plan, failed = distributed.from_main((busy, plan, why))
+        if failure is not None:
+            raise failure
+        if failed:
+            raise RuntimeError(f"stage {name}: the main process could not plan the run ({failed})")
         if busy:
             raise StageBusy(busy)
         return _run_stage(stage, cfg, data_dir, store, keys, plan, progress, main, t0)
+
+
+def _lock(stack: contextlib.ExitStack, store: ArtifactStore, name: str, key: str) -> str:
+    """Take the stage folder's lock for the rest of `stack`; the refusal to give when another process holds it."""
+    try:
+        stack.enter_context(exclusive_lock(store.local_dir(name, key) / LOCK_FILE))
+    except LockHeld as held:
+        return (f"stage {name} [{key}] {BUSY_PHRASE} {store.local_dir(name, key)}: {held}. "
+                "Wait for it to finish, or stop that process, then rerun")
+    except OSError as exc:
+        if exc.errno not in _NO_LOCKING:
+            raise
+        # A volume without flock (some NFS/Lustre mounts, FUSE) or a read-only store: run unguarded rather
+        # than not at all; the guard only matters when two runs of one stage overlap.
+        print(f"warning: cannot lock {store.local_dir(name, key)} ({exc.strerror}); running without the "
+              "guard against a second run of this stage", file=sys.stderr)
+    return ""
 
 
 @dataclass
@@ -273,7 +288,7 @@ class _Plan:
     """What the store says a stage needs: nothing (`done`), a start over (`restart`) or a run or resume."""
     done: bool = False
     restart: bool = False
-    input_runs: dict[str, float] = field(default_factory=dict)
+    input_runs: dict[str, dict] = field(default_factory=dict)  # per input: the run it read (key, time)
     note: str = ""  # why it starts over
     missing: str = ""  # an input is not finished or not current: the stage cannot run
 

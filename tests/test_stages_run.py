@@ -177,15 +177,40 @@ def test_other_torchrun_ranks_follow_the_main_process_plan_without_reading_the_m
         raise AssertionError("a non-main rank read a marker")
 
     monkeypatch.setattr(ArtifactStore, "status", no_markers)
-    main_says = ("", stages._Plan(done=True))
+    main_says = ("", stages._Plan(done=True), "")
     result = stages.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
     assert result.skipped and result.metrics == done.metrics
-    assert broadcast == [("", None)]  # it sent nothing of its own
+    assert broadcast == [("", None, "")]  # it sent nothing of its own
 
-    main_says = ("stage tokenizer-1 [k] is busy: pid 1 on host-a", None)
+    main_says = ("stage tokenizer-1 [k] is busy: pid 1 on host-a", None, "")
     with pytest.raises(stages.StageBusy, match="pid 1 on host-a"):
         stages.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
 
-    main_says = ("", stages._Plan(missing="stage tokenizer-2 needs tokenizer-1"))
+    main_says = ("", stages._Plan(missing="stage tokenizer-2 needs tokenizer-1"), "")
     with pytest.raises(stages.StageInputMissing, match="needs tokenizer-1"):
         stages.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
+
+    # The main process failed while planning (an unreadable store): the others hear of it instead of waiting.
+    main_says = ("", None, "OSError: [Errno 5] Input/output error")
+    with pytest.raises(RuntimeError, match="main process could not plan the run .OSError: .Errno 5"):
+        stages.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
+
+
+def test_the_main_process_sends_its_planning_failure_to_the_other_ranks_then_raises_it(tmp_path, tiny_dataset,
+                                                                                     monkeypatch):
+    import pytest
+
+    from kelix import stages
+    from kelix.config import load_config
+    from kelix.train import distributed
+
+    sent = []
+    monkeypatch.setattr(distributed, "from_main", lambda obj: (sent.append(obj), obj)[1])
+
+    def unreadable(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(ArtifactStore, "status", unreadable)
+    with pytest.raises(OSError, match="Input/output error"):
+        stages.run_stage("tokenizer-1", load_config("tiny", overrides=SMALL), tiny_dataset, str(tmp_path), progress=False)
+    assert sent == [("", None, "OSError: [Errno 5] Input/output error")]

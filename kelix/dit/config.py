@@ -1,6 +1,7 @@
 """Kelix-DiT settings: SANA transformer, latent space, flow matching, 2 stages plus the AE-DiT."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -61,6 +62,12 @@ class DiTConfig:
     train1: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=300, batch_size=32, lr=1e-3))
     train2: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=100, batch_size=32, lr=3e-4, warmup_steps=0))
     train_ae: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=300, batch_size=32, lr=1e-3))
+
+    def for_autoencoder(self) -> "DiTConfig":
+        """These settings with the AE-DiT's own prediction target, noise levels and guidance: what it trains and
+        samples with (saved with its model)."""
+        return dataclasses.replace(self, prediction=self.ae_prediction, logit_mean=self.ae_logit_mean,
+                                   guidance_scale=self.ae_guidance_scale)
 
 
 def dit_preset(preset: str) -> DiTConfig:

@@ -158,10 +158,7 @@ def aedit(ctx) -> dict[str, float]:
     records, images = load_split(ctx.data_dir, "train", size)
     val_records, val_images = load_split(ctx.data_dir, "val", size, limit=dcfg.num_eval_images)
     tokenizer = _load_tokenizer(ctx)
-    # Saved with the model: reconstruct() samples with the AE-DiT's own guidance and prediction.
-    ae_cfg = dataclasses.replace(dcfg, guidance_scale=dcfg.ae_guidance_scale, prediction=dcfg.ae_prediction,
-                                 logit_mean=dcfg.ae_logit_mean)
-    model = _new_model(ctx, tokenizer.embed_dim, dcfg.train_ae, ae_cfg)
+    model = _new_model(ctx, tokenizer.embed_dim, dcfg.train_ae, dcfg.for_autoencoder())
     keys = [r["key"] for r in records + val_records]
     cache = _cached(ctx.out_dir / CACHE, keys, lambda: {
         "train": _tokenizer_conds(tokenizer, images, ctx.device, ctx.progress),
