@@ -24,6 +24,7 @@ from flows.evaluate import evaluate
 from flows.promote import promote
 from flows.report import prefect_location, publish_stages, publish_summary, summary_text
 from flows.train import train_dit, train_llm, train_tokenizer
+from kelix.rerun import up_to_date
 from kelix.stages import STAGES
 
 
@@ -127,8 +128,7 @@ def _rerun_advice(ctx: Context, force: list[str], started: float) -> str:
         return "the same command"
     try:
         named = list(STAGES) if "all" in force else [n for n in force if n in STAGES]
-        pending = [n for n in named if not ctx.store.is_done(n, ctx.keys[n])
-                   or float((ctx.store.status(n, ctx.keys[n]) or {}).get("time") or 0) < started]
+        pending = [n for n in named if not up_to_date(ctx.store, n, ctx.keys[n], started)]
     except Exception:  # noqa: BLE001 - advice only: never hide the failure behind a second one
         return "the same command"
     if not pending:

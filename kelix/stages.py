@@ -30,7 +30,7 @@ import torch
 from kelix.artifacts import FAILED, LOCK_FILE, RUNNING, SUCCESS, ArtifactStore, store_uri
 from kelix.config import KelixConfig, config_hash
 from kelix.files import LockHeld, exclusive_lock
-from kelix.rerun import BUSY_PHRASE, EXIT_BUSY, Force, force_cutoff
+from kelix.rerun import BUSY_PHRASE, EXIT_BUSY, Force, force_cutoff, up_to_date
 from kelix.runtime_config import Resources
 from kelix.train.metrics import MetricLogger
 
@@ -295,12 +295,12 @@ class _Plan:
 
 def _plan(stage: Stage, store: ArtifactStore, keys: dict[str, str], cutoff: float | None) -> _Plan:
     name, key = stage.name, keys[stage.name]
+    if up_to_date(store, name, key, cutoff):
+        return _Plan(done=True)
+    # Finished here means finished but forced or stale (the runners skip by the same rule).
     status = store.status(name, key) or {}
     done = status.get("status") == SUCCESS
-    forced = done and cutoff is not None and float(status.get("time") or 0) < cutoff
     stale = store.stale_inputs(name, key) if done else []
-    if done and not forced and not stale:
-        return _Plan(done=True)
     input_runs = {}
     for dep in stage.inputs:
         if not store.is_done(dep, keys[dep]):
@@ -321,7 +321,7 @@ def _plan(stage: Stage, store: ArtifactStore, keys: dict[str, str], cutoff: floa
     # resume it at its last step and redo nothing (keys hash config and data, not code, so a force usually
     # follows a code change). A forced try that crashed is not finished, so the next one resumes it instead of
     # starting over again.
-    return _Plan(restart=(done and (forced or bool(stale))) or moved, input_runs=input_runs, note=note)
+    return _Plan(restart=done or moved, input_runs=input_runs, note=note)
 
 
 def _run_stage(stage: Stage, cfg: KelixConfig, data_dir: Path, store: ArtifactStore, keys: dict[str, str],
