@@ -177,6 +177,14 @@ def test_a_full_disk_leaves_no_temporary_copy_and_is_not_retried(tmp_path, monke
         save_checkpoint(ckpts, 4, {"w": torch.ones(2)}, {}, keep=2)
     assert err.value.errno == errno.ENOSPC and not is_transient(err.value)
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000002"]
+    # Ctrl-C during a save on a nearly full disk is still an interrupt, not a full disk.
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(ckpts, 5, {"w": torch.ones(2)}, {}, keep=2)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000002"]
     assert is_transient(OSError(errno.EIO, "I/O error"))  # other I/O trouble is still retried
     # safetensors says it in words; a failure with room on the disk is left as it was.
     from safetensors import SafetensorError

@@ -65,8 +65,9 @@ def save_checkpoint(
     except BaseException as exc:
         # A half-written copy of the weights and optimiser state is as large as a good one: never leave it.
         shutil.rmtree(tmp, ignore_errors=True)
-        # torch.save reports a full disk as "file write failed" with no OS error: look at the disk as well.
-        if disk_full(exc) or shutil.disk_usage(ckpt_dir).free < NEARLY_FULL_BYTES:
+        # torch.save reports a full disk as "file write failed" with no OS error: look at the disk as well. An
+        # interrupt (Ctrl-C, SystemExit) stays what it is, however full the disk.
+        if isinstance(exc, Exception) and (disk_full(exc) or shutil.disk_usage(ckpt_dir).free < NEARLY_FULL_BYTES):
             raise OSError(errno.ENOSPC, f"no space left in {ckpt_dir} for the checkpoint of step {step} ({exc}); "
                           "free space there and rerun: training resumes from the last checkpoint") from exc
         raise
