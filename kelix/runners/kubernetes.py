@@ -301,7 +301,7 @@ class KubernetesRunner:
         """Transient: the garbage collector is usually just slow; a rerun attaches to the Job and tries again."""
         meta = service["metadata"]
         name, namespace = meta["name"], meta["namespace"]
-        owners = [r.get("uid") for r in meta.get("ownerReferences") or []]
+        owners = sorted(_owner_uids(service), key=str)
         return TransientStageError(
             f"service {namespace}/{name}, which the pods of job {namespace}/{name} need for their rendezvous, is "
             f"left from an earlier job (owner uids {owners or 'none'}, not this job's {uid}) and was not removed "
@@ -324,9 +324,8 @@ class KubernetesRunner:
         except ApiException as exc:
             existing = self._json(read, body["metadata"]["name"], namespace) if exc.status == 409 else None
             meta = (existing or {}).get("metadata") or {}
-            owners = {r.get("uid") for r in meta.get("ownerReferences") or []}
-            wanted = {r.get("uid") for r in body["metadata"].get("ownerReferences") or []}
-            if existing is None or meta.get("deletionTimestamp") or owners != wanted or not _same_work(existing, body):
+            if (existing is None or meta.get("deletionTimestamp") or _owner_uids(existing) != _owner_uids(body)
+                    or not _same_work(existing, body)):
                 raise
             return existing
 
@@ -366,7 +365,7 @@ class KubernetesRunner:
         # Filter again: the selector is the server's job, but a lax server (or test double) may ignore it.
         pods = [p for p in listing.get("items", [])
                 if (p.get("metadata", {}).get("labels") or {}).get(manifests.LABEL_JOB) == jname
-                and (uid is None or uid in {r.get("uid") for r in p["metadata"].get("ownerReferences") or []})]
+                and (uid is None or uid in _owner_uids(p))]
         return sorted(pods, key=lambda p: p["metadata"]["name"])
 
     def _wait(self, name: str, key: str, jname: str, namespace: str, store: Any, log: Any) -> None:
@@ -575,9 +574,11 @@ def _live(job: dict[str, Any]) -> bool:
 
 def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
     """Not being deleted, and owned by the object with this uid (any owner when the uid is unknown)."""
-    meta = obj.get("metadata") or {}
-    owners = {r.get("uid") for r in meta.get("ownerReferences") or []}
-    return not meta.get("deletionTimestamp") and (uid is None or uid in owners)
+    return not (obj.get("metadata") or {}).get("deletionTimestamp") and (uid is None or uid in _owner_uids(obj))
+
+
+def _owner_uids(obj: dict[str, Any]) -> set[str | None]:
+    return {r.get("uid") for r in (obj.get("metadata") or {}).get("ownerReferences") or []}
 
 
 def _annotations(obj: dict[str, Any]) -> dict[str, str]:
