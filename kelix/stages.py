@@ -29,6 +29,7 @@ import torch
 
 from kelix.artifacts import FAILED, LOCK_FILE, RUNNING, SUCCESS, ArtifactStore, store_uri
 from kelix.config import KelixConfig, config_hash
+from kelix.dit.config import AE_OVERRIDES
 from kelix.files import LockHeld, exclusive_lock
 from kelix.rerun import BUSY_PHRASE, EXIT_BUSY, Force, force_cutoff, up_to_date
 from kelix.runtime_config import Resources
@@ -44,6 +45,8 @@ class Stage:
     # The TrainConfig field of the section this stage trains with; the others are left out of its key.
     train_field: str | None = None
     description: str = ""
+    # Other fields of the section this stage never reads, left out of its key so changing them does not rerun it.
+    ignores: tuple[str, ...] = ()
 
     def function(self) -> Callable[["StageContext"], dict[str, float]]:
         module, func = self.entry.split(":")
@@ -66,11 +69,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("llm-4", "llm", "kelix.llm.stages:sft", ("llm-3", "tokenizer-3"), "train4",
           "SFT on instruction-style data"),
     Stage("aedit", "dit", "kelix.dit.stages:aedit", ("tokenizer-3",), "train_ae",
-          "AE-DiT: reconstruct images from the tokenizer's quantized embeddings"),
+          "AE-DiT: reconstruct images from the tokenizer's quantized embeddings",
+          (*AE_OVERRIDES.values(), "sft_fraction")),
     Stage("dit-1", "dit", "kelix.dit.stages:pretrain", ("tokenizer-3", "llm-4"), "train1",
-          "DiT pre-training conditioned on the LLM's hidden states (teacher forcing)"),
+          "DiT pre-training conditioned on the LLM's hidden states (teacher forcing)",
+          (*AE_OVERRIDES, "sft_fraction")),
     Stage("dit-2", "dit", "kelix.dit.stages:sft", ("dit-1", "tokenizer-3", "llm-4"), "train2",
-          "DiT SFT on the detector-curated subset"),
+          "DiT SFT on the detector-curated subset", tuple(AE_OVERRIDES)),
     Stage("eval", "eval", "kelix.eval.stage:evaluate", ("tokenizer-3", "llm-4", "dit-2", "aedit"), None,
           "understanding, generation, reconstruction and tokenizer metrics"),
 )}
@@ -103,8 +108,11 @@ def downstream(name: str) -> list[str]:
 
 
 def config_view(cfg: KelixConfig, stage: Stage) -> dict[str, Any]:
-    """The part of the config a stage's outputs depend on: its section, minus other stages' schedules."""
+    """The part of the config a stage's outputs depend on: its section, minus other stages' schedules and the
+    fields it ignores."""
     view = dataclasses.asdict(cfg.section(stage.section))
+    for name in stage.ignores:
+        view.pop(name)
     if stage.train_field:
         for f in dataclasses.fields(cfg.section(stage.section)):
             if f.name.startswith("train") and f.name != stage.train_field:

@@ -92,6 +92,16 @@ def test_stage_keys_follow_only_their_inputs():
     dit_changed = stage_keys(load_config("tiny", None, ["dit.train2.num_steps=7"]), "data-v1")
     changed = {n for n in keys if keys[n] != dit_changed[n]}
     assert changed == {"dit-2", "eval"}
+    # The AE-DiT's own settings move only aedit; the text-to-image DiT's move only dit-1/dit-2; the SFT share
+    # only dit-2 (each stage reads only its side of the dit section).
+    for override, moved in (("dit.ae_prediction=velocity", {"aedit", "eval"}),
+                            ("dit.ae_logit_mean=0.3", {"aedit", "eval"}),
+                            ("dit.prediction=sample", {"dit-1", "dit-2", "eval"}),
+                            ("dit.guidance_scale=2.0", {"dit-1", "dit-2", "eval"}),
+                            ("dit.sft_fraction=0.3", {"dit-2", "eval"}),
+                            ("dit.num_layers=3", {"aedit", "dit-1", "dit-2", "eval"})):
+        other = stage_keys(load_config("tiny", None, [override]), "data-v1")
+        assert {n for n in keys if keys[n] != other[n]} == moved, override
     # Another stage's schedule is not part of a stage's key.
     view = config_view(base, STAGES["tokenizer-2"])
     assert "train2" in view and "train1" not in view and "train3" not in view

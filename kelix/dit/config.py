@@ -7,6 +7,9 @@ from typing import Literal
 
 from kelix.train.config import TrainConfig
 
+# The AE-DiT's own settings and the dit-1/dit-2 settings each stands in for (`DiTConfig.for_autoencoder`). The
+# stage catalogue keys aedit on the first and dit-1/dit-2 on the second, so changing one reruns only its stages.
+AE_OVERRIDES = {"ae_prediction": "prediction", "ae_logit_mean": "logit_mean", "ae_guidance_scale": "guidance_scale"}
 
 @dataclass
 class DiTConfig:
@@ -66,8 +69,7 @@ class DiTConfig:
     def for_autoencoder(self) -> "DiTConfig":
         """These settings with the AE-DiT's own prediction target, noise levels and guidance: what it trains and
         samples with (saved with its model)."""
-        return dataclasses.replace(self, prediction=self.ae_prediction, logit_mean=self.ae_logit_mean,
-                                   guidance_scale=self.ae_guidance_scale)
+        return dataclasses.replace(self, **{dit: getattr(self, ae) for ae, dit in AE_OVERRIDES.items()})
 
 
 def dit_preset(preset: str) -> DiTConfig:
