@@ -81,17 +81,20 @@ def exclusive_lock(path: str | Path, timeout: float = 0.0) -> Iterator[Path]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-_DISK_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+_DISK_FULL_WORDS = {errno.ENOSPC: ("No space left on device", "os error 28"),
+                    errno.EDQUOT: ("Disk quota exceeded", "os error 122")}
 
 
-def disk_full(exc: BaseException | None) -> bool:
-    """Whether `exc` (or an error it came from) is a full disk or quota. torch and safetensors report it as a
-    RuntimeError or SafetensorError whose message carries the OS error, not as an OSError."""
+def disk_full(exc: BaseException | None) -> int:
+    """errno.ENOSPC or errno.EDQUOT when `exc` (or an error it came from) is a full disk or quota, else 0. torch
+    and safetensors report it as a RuntimeError or SafetensorError whose message carries the OS error, not as
+    an OSError."""
     seen = 0
     while exc is not None and seen < 8:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if any(word in str(exc) for word in _DISK_FULL_WORDS):
-            return True
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_WORDS:
+            return exc.errno
+        for code, words in _DISK_FULL_WORDS.items():
+            if any(word in str(exc) for word in words):
+                return code
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
+    return 0

@@ -190,6 +190,15 @@ def test_a_full_disk_leaves_no_temporary_copy_and_is_not_retried(tmp_path, monke
     from safetensors import SafetensorError
     assert not is_transient(RuntimeError("save failed")) and disk_full_error(SafetensorError(
         "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })"))
+    # A quota is named as a quota (the disk itself may have room).
+    def over_quota(*_, **__):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(checkpoint.torch, "save", over_quota)
+    with pytest.raises(OSError, match="disk quota exceeded in .* step 7.*raise the quota") as err:
+        save_checkpoint(ckpts, 7, {"w": torch.ones(2)}, {}, keep=2)
+    assert err.value.errno == errno.EDQUOT and not is_transient(err.value)
+    assert disk_full_error(RuntimeError("IoError(Os { code: 122, message: \"Disk quota exceeded\" })")) == errno.EDQUOT
     monkeypatch.undo()
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
     with pytest.raises(RuntimeError, match="file write failed"):

@@ -67,8 +67,15 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         # torch.save reports a full disk as "file write failed" with no OS error: look at the disk as well. An
         # interrupt (Ctrl-C, SystemExit) stays what it is, however full the disk.
-        if isinstance(exc, Exception) and (disk_full(exc) or shutil.disk_usage(ckpt_dir).free < NEARLY_FULL_BYTES):
-            raise OSError(errno.ENOSPC, f"no space left in {ckpt_dir} for the checkpoint of step {step} ({exc}); "
+        if not isinstance(exc, Exception):
+            raise
+        code = disk_full(exc) or (errno.ENOSPC if shutil.disk_usage(ckpt_dir).free < NEARLY_FULL_BYTES else 0)
+        if code == errno.EDQUOT:
+            raise OSError(code, f"disk quota exceeded in {ckpt_dir} for the checkpoint of step {step} ({exc}); "
+                          "free space there or raise the quota, and rerun: training resumes from the last "
+                          "checkpoint") from exc
+        if code:
+            raise OSError(code, f"no space left in {ckpt_dir} for the checkpoint of step {step} ({exc}); "
                           "free space there and rerun: training resumes from the last checkpoint") from exc
         raise
     if final.exists():
