@@ -33,6 +33,19 @@ from kelix.train.metrics import MLFLOW_FAILED_RUNS
 PIPELINE_RUN = "kelix-pipeline"
 
 
+def run_started() -> float:
+    """When the current flow run first started (Unix time), or now outside a flow run.
+
+    A retried flow run (Prefect's flow `retries`, `prefect flow-run retry`, Retry in the UI) keeps its
+    parameters and its first start time, so `force` measured from here names the same moment on every try;
+    measured from each try's own start, a retry would start over the forced stages the first try finished."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    started = ctx.flow_run.start_time if ctx is not None and ctx.flow_run is not None else None
+    return started.timestamp() if started is not None else time.time()
+
+
 class RunSettings(BaseModel):
     """How to run: which config, data, artifact store, runner, retries and MLflow store."""
 
@@ -60,7 +73,7 @@ class Context:
     def __init__(self, settings: RunSettings):
         self.settings = settings
         # The moment `force` means: outputs finished after it (by this run, before a retry) are kept.
-        self.force_before = settings.force_before or time.time()
+        self.force_before = settings.force_before or run_started()
         self.cfg: KelixConfig = load_config(settings.preset, settings.params, settings.overrides)
         self.data_dir = Path(settings.data or self.cfg.data.root).resolve()
         artifacts = store_uri(settings.artifacts, self.cfg.runtime.artifacts)

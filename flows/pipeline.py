@@ -18,7 +18,7 @@ from typing import Any
 import flows  # noqa: F401  - environment defaults before Prefect is imported
 from prefect import flow, get_run_logger
 
-from flows.common import PIPELINE_RUN, Context, RunSettings
+from flows.common import PIPELINE_RUN, Context, RunSettings, run_started
 from flows.data import validate_data
 from flows.evaluate import evaluate
 from flows.promote import promote
@@ -47,10 +47,11 @@ def kelix_pipeline(
 ) -> dict[str, Any]:
     """Train, evaluate and release a Kelix model; returns the run summary (also printed and published).
 
-    `force_before`: what `force` redoes, as a Unix time (default: when this run starts)."""
+    `force_before`: what `force` redoes, as a Unix time (default: when this flow run first started, so a
+    retry of it keeps the forced stages its earlier tries finished)."""
     t0 = time.perf_counter()
     log = get_run_logger()
-    force_before = (force_before or time.time()) if force else None
+    force_before = (force_before or run_started()) if force else None
     settings = RunSettings(preset=preset, params=params, overrides=overrides or [], runner=runner, data=data,
                            artifacts=artifacts, force=force or [], force_before=force_before, retries=retries,
                            retry_delay=retry_delay, mlflow_uri=mlflow_uri, runner_options=runner_options or {},

@@ -94,14 +94,15 @@ OVERRIDES = ["data.num_train=256", "data.num_val=64", "data.num_test=64", "eval.
              "eval.sample_steps=2"]
 
 
-def _run(workspace, **kw):
+def _run(workspace, flow=None, **kw):
     from flows.pipeline import kelix_pipeline
 
+    flow = flow or kelix_pipeline
     args = dict(data=workspace["data"], artifacts=workspace["artifacts"], retry_delay=0, progress=False,
                 overrides=OVERRIDES)
     args["overrides"] = args["overrides"] + kw.pop("overrides", [])
     args.update(kw)
-    return kelix_pipeline(**args)
+    return flow(**args)
 
 
 def _artifact(key: str):
@@ -229,6 +230,20 @@ def test_transient_failure_is_retried_and_resumes_from_its_checkpoint(prefect_ap
     run = MlflowClient().get_run(result["stages"]["tokenizer-2"]["mlflow_run_id"])
     assert run.data.tags["kelix.attempts"] == "2" and run.info.status == "FINISHED"
     assert "kelix.error" not in run.data.tags  # the failed attempt's error is not the finished run's
+
+
+def test_a_retried_flow_run_keeps_the_forced_stages_its_first_try_finished(prefect_api, catalogue, workspace):
+    """A flow run retried by Prefect keeps its parameters: `force` has to mean the moment it first started, or
+    the retry would start the forced stages over that the first try had finished."""
+    from flows.pipeline import kelix_pipeline
+
+    _run(workspace, release=False)
+    STATE["calls"].clear()
+    STATE["fail"]["llm-2"] = [ConfigError("fails the flow run (not retried as a stage)")]
+    retried = kelix_pipeline.with_options(retries=1, retry_delay_seconds=0)
+    result = _run(workspace, flow=retried, release=False, force=["llm-1"])
+    assert STATE["calls"] == ["llm-1", "llm-2", "llm-2", "llm-3", "llm-4", "dit-1", "dit-2", "eval"]
+    assert result["stages"]["llm-1"]["skipped"]
 
 
 def test_bad_config_in_a_stage_fails_fast_without_retry(prefect_api, catalogue, workspace):
