@@ -26,3 +26,16 @@ DEFAULTS = {
 def apply_env_defaults() -> None:
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def user_at_host() -> str:
+    """user@host of this process, for the records others read (who started a Job, who moved an alias). Best
+    effort: a container may have no USER variable and no passwd entry."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"

@@ -901,6 +901,25 @@ def test_a_live_job_of_another_run_is_neither_followed_nor_deleted(env, runner_l
     assert not any(line.startswith(("attaching", "replacing")) for line in runner_log)
 
 
+def test_another_runs_job_created_between_our_read_and_our_create_is_a_conflict(env, monkeypatch):
+    """The other run's Job appears after this run looked (no Job yet) and before it creates its own: the create
+    meets 409, and the Job found then is named as the conflict, read once."""
+    runner = _runner(env, timeout=5)
+    _existing_job(env, runner, uid="their-uid")
+    real, reads = runner._json, []
+
+    def first_read_sees_no_job(read, *args):
+        reads.append(read.__name__)
+        if reads.count("read_namespaced_job") == 1 and read.__name__ == "read_namespaced_job":
+            return None  # the look before the other run's create
+        return real(read, *args)
+
+    monkeypatch.setattr(runner, "_json", first_read_sees_no_job)
+    with pytest.raises(StageJobConflict, match="already exists and runs other work"):
+        runner.run("tokenizer-1", env["cfg"], env["data"], f"s3://{BUCKET}/{env['namespace']}-other-user")
+    assert reads.count("read_namespaced_job") == 2  # the look, and once after the 409
+
+
 def test_a_dropped_log_stream_is_resumed_without_repeating_lines(env, runner_log):
     requests: list[dict] = []
 

@@ -14,15 +14,14 @@ changes happen under `registry_lock` with a re-read afterwards (kelix/registry/s
 """
 from __future__ import annotations
 
-import getpass
 import json
 import os
-import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from kelix.config import KelixConfig
+from kelix.env import user_at_host
 from kelix.registry.lineage import complete_lineage, read_lineage, read_metrics, version_tags
 from kelix.registry.store import (
     MODEL_EXPERIMENT, NOT_FOUND_CODES, REGISTRY_EXPERIMENT, RegistryConflict, RegistryError, configure, ensure_experiment,
@@ -90,13 +89,7 @@ def _now() -> str:
 def _actor(actor: str | None) -> str:
     if actor:
         return actor
-    if os.environ.get("KELIX_ACTOR"):
-        return os.environ["KELIX_ACTOR"]
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
+    return os.environ.get("KELIX_ACTOR") or user_at_host()
 
 
 def _alias(client, name: str, alias: str) -> str | None:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from kelix.env import user_at_host
 from kelix.rerun import BUSY_PHRASE, EXIT_BUSY, force_cutoff, up_to_date
 from kelix.runners import manifests
 from kelix.runners.base import (ImagePullError, StageConfigError, StageDeadlineExceeded, StageFailed, StageOOMKilled,
@@ -164,7 +165,7 @@ class KubernetesRunner:
             params_yaml=params_yaml(cfg), artifacts=artifacts, resources=resources,
             node_selector=cfg.runtime.node_selector, tolerations=cfg.runtime.tolerations, env=env or {},
             options=self.options, data_dir=self.pod_data_dir, data_key=data_key, force=force,
-            started_by=_started_by())
+            started_by=user_at_host())
         objs = [job]
         if resources.num_nodes > 1:
             objs.append(manifests.rendezvous_service(name, key, namespace=namespace))
@@ -221,8 +222,6 @@ class KubernetesRunner:
 
     def _start(self, objs: list[dict[str, Any]], *, force: bool | float, log: Any) -> None:
         """Create the stage's Job, or attach to the live one of its name when it does the same work."""
-        from kubernetes.client.exceptions import ApiException
-
         job = objs[0]
         jname, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
         existing = self._json(self.batch.read_namespaced_job, jname, namespace)
@@ -242,14 +241,9 @@ class KubernetesRunner:
             what = "finished" if job_state(existing) else "running" if _live(existing) else "deleted"
             log.info("replacing %s job %s/%s", what, namespace, jname)
             self._delete_job(jname, namespace, wait=True)
-        try:
-            created = self._create(self.batch.create_namespaced_job, self.batch.read_namespaced_job, namespace, job)
-        except ApiException as exc:
-            # Another run created a Job of this name between our read and our create.
-            other = self._json(self.batch.read_namespaced_job, jname, namespace) if exc.status == 409 else None
-            if other is not None and not _same_work(other, job):
-                raise _conflict(other, job) from exc
-            raise
+        # Another run may create a Job of this name between our read and our create: that is a conflict.
+        created = self._create(self.batch.create_namespaced_job, self.batch.read_namespaced_job, namespace, job,
+                               other_work=lambda other: _conflict(other, job))
         resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
         log.info("started job %s/%s (image %s, %s node(s), limits %s)", namespace, jname,
                  job["spec"]["template"]["spec"]["containers"][0]["image"], job["spec"].get("completions", 1),
@@ -268,8 +262,7 @@ class KubernetesRunner:
         uid = meta.get("uid")
         for obj in objs[1:]:
             if uid:
-                obj["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
-                                                       "uid": uid, "controller": False, "blockOwnerDeletion": False}]
+                obj["metadata"]["ownerReferences"] = [manifests.job_owner(meta["name"], uid)]
             self._ensure_service(obj, uid, log)
 
     def _ensure_service(self, body: dict[str, Any], uid: str | None, log: Any) -> None:
@@ -310,19 +303,21 @@ class KubernetesRunner:
             f"attaches to the job and creates the service.",
             stage=(meta.get("labels") or {}).get(manifests.LABEL_STAGE, ""))
 
-    def _create(self, create: Callable[..., Any], read: Callable[..., Any], namespace: str,
-                body: dict[str, Any]) -> dict[str, Any]:
+    def _create(self, create: Callable[..., Any], read: Callable[..., Any], namespace: str, body: dict[str, Any],
+                other_work: Callable[[dict[str, Any]], Exception] | None = None) -> dict[str, Any]:
         """Create an object, or take the one an earlier attempt made: when the API server acted but its answer
         was lost (a 503/504 on the way back), `_call`'s retry meets 409 AlreadyExists. Names come from the stage
         key, so a live object of that name with the same owner and work is the one this call made. One being
-        deleted, owned by another Job (an earlier run's Service) or doing other work (another run's Job of the
-        same name) is not taken: the 409 stands."""
+        deleted or owned by another Job (an earlier run's Service) is not taken: the 409 stands. One doing other
+        work (another run's Job of the same name) raises `other_work(it)` when given, else the 409."""
         from kubernetes.client.exceptions import ApiException
 
         try:
             return json.loads(self._call(create, namespace, body, _preload_content=False).data)
         except ApiException as exc:
             existing = self._json(read, body["metadata"]["name"], namespace) if exc.status == 409 else None
+            if existing is not None and other_work is not None and not _same_work(existing, body):
+                raise other_work(existing) from exc
             meta = (existing or {}).get("metadata") or {}
             if (existing is None or meta.get("deletionTimestamp") or _owner_uids(existing) != _owner_uids(body)
                     or not _same_work(existing, body)):
@@ -611,18 +606,6 @@ def _conflict(existing: dict[str, Any], job: dict[str, Any]) -> "StageJobConflic
         f"collide. It was left alone (even with force: it is not this run's to delete). Wait for it to finish "
         f"and rerun, delete it if you are sure it is abandoned (kubectl delete job -n {namespace} {jname}), or "
         f"run in another namespace (--set runtime.namespace=NAME)", stage=stage)
-
-
-def _started_by() -> str:
-    """user@host of this orchestrator, for whoever finds its Job. Best effort: a container may have no user."""
-    import getpass
-    import socket
-
-    try:
-        user = getpass.getuser()
-    except Exception:  # noqa: BLE001 - no USER variable and no passwd entry
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 
 def _terminations(pod: dict[str, Any]) -> list[dict[str, Any]]:

@@ -223,6 +223,12 @@ def stage_job(
             "spec": spec}
 
 
+def job_owner(name: str, uid: str) -> dict[str, Any]:
+    """The ownerReference that hands an object to the Job's garbage collection without blocking its deletion."""
+    return {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": uid, "controller": False,
+            "blockOwnerDeletion": False}
+
+
 def rendezvous_service(stage: str, key: str, *, namespace: str, owner_uid: str | None = None) -> dict[str, Any]:
     """Headless Service giving the pods of a multi-node stage stable DNS names (pod 0 hosts the rendezvous).
 
@@ -233,8 +239,7 @@ def rendezvous_service(stage: str, key: str, *, namespace: str, owner_uid: str |
     name = job_name(stage, key)
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels(stage, key)}
     if owner_uid:
-        meta["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": owner_uid,
-                                    "controller": False, "blockOwnerDeletion": False}]
+        meta["ownerReferences"] = [job_owner(name, owner_uid)]
     return {
         "apiVersion": "v1", "kind": "Service", "metadata": meta,
         "spec": {
