@@ -11,6 +11,7 @@ from kelix.train.config import TrainConfig
 # stage catalogue keys aedit on the first and dit-1/dit-2 on the second, so changing one reruns only its stages.
 AE_OVERRIDES = {"ae_prediction": "prediction", "ae_logit_mean": "logit_mean", "ae_guidance_scale": "guidance_scale"}
 
+
 @dataclass
 class DiTConfig:
     # "pixel" (tiny: no autoencoder) | "dcae" (a frozen diffusers AutoencoderDC from `dcae_path`).
