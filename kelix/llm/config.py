@@ -44,13 +44,14 @@ class LLMConfig:
     # teacher-forced text and code losses it reports.
     val_questions: int = 300
     val_records: int = 64
-    # Tiny schedule: ~1,450 steps of batch 32 (sequences of ~70-210 blocks), sized for <= 10 minutes of the four
+    # Tiny schedule: ~1,150 steps of batch 32 (sequences of ~70-210 blocks), sized for <= 10 minutes of the four
     # stages on 2 CPU cores. Stage 1 is short: with a randomly initialised (frozen) Qwen3 there is little to
     # align; its job here is to start the Block Decoder, LM head and visual projection before stage 2. Stage 2
     # gets the rest of the budget: a tiny reader learns spatial relations late (after ~1,700 steps from perfect
-    # codes; docs/benchmarks.md), and 1,500 steps instead of 450 lifted test VQA from 0.51 to 0.61.
+    # codes; docs/benchmarks.md), and 1,500 steps instead of 450 lifted test VQA from 0.51 to 0.61. A step
+    # takes 0.4-0.5 s on 2 cores, so 900 keep the four stages inside 10 minutes (1,200 took 11).
     train1: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=50, batch_size=32, lr=1e-3))
-    train2: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=1200, batch_size=32, lr=1e-3))
+    train2: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=900, batch_size=32, lr=1e-3))
     train3: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=100, batch_size=32, lr=3e-4, warmup_steps=0))
     train4: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=100, batch_size=32, lr=2e-4, warmup_steps=0))
 
