@@ -70,14 +70,12 @@ def save_checkpoint(
         if not isinstance(exc, Exception):
             raise
         code = disk_full(exc) or (errno.ENOSPC if shutil.disk_usage(ckpt_dir).free < NEARLY_FULL_BYTES else 0)
-        if code == errno.EDQUOT:
-            raise OSError(code, f"disk quota exceeded in {ckpt_dir} for the checkpoint of step {step} ({exc}); "
-                          "free space there or raise the quota, and rerun: training resumes from the last "
-                          "checkpoint") from exc
-        if code:
-            raise OSError(code, f"no space left in {ckpt_dir} for the checkpoint of step {step} ({exc}); "
-                          "free space there and rerun: training resumes from the last checkpoint") from exc
-        raise
+        if not code:
+            raise
+        what, fix = (("disk quota exceeded", "free space there or raise the quota, and rerun") if code == errno.EDQUOT
+                     else ("no space left", "free space there and rerun"))
+        raise OSError(code, f"{what} in {ckpt_dir} for the checkpoint of step {step} ({exc}); {fix}: training "
+                      "resumes from the last checkpoint") from exc
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
