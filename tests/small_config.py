@@ -13,6 +13,7 @@ TOKENIZER = [
     "tokenizer.aux_num_kv_heads=1", "tokenizer.aux_intermediate_size=64", "tokenizer.text_vocab_size=320",
     "tokenizer.eval_images=16", "tokenizer.kmeans_images=64", "tokenizer.kmeans_iters=3",
     "tokenizer.aux_warmup.num_steps=2", "tokenizer.aux_warmup.batch_size=8",
+    "tokenizer.vit_warmup.num_steps=2", "tokenizer.vit_warmup.batch_size=8",
 ]
 
 SCHEDULES = ("tokenizer.train1", "tokenizer.train2", "tokenizer.train3", "llm.train1", "llm.train2", "llm.train3",

@@ -7,8 +7,8 @@ kmeans.py      seeded, batched K-means initialisation of the frozen base codeboo
 model.py       KelixTokenizer: encode / embed / codebook_vectors / save_pretrained / from_pretrained
 aux_decoder.py the auxiliary Qwen3 decoder that reads quantized images as a prefix (discarded after training)
 text_rows.py   caption and QA segments packed per image for the aux decoder
+grounding.py   stage 1's grounded ViT warm-up: per-position object labels from boxes, a throwaway head
 objective.py   what each stage trains (parameter groups) and its loss
 evaluate.py    validation metrics: codebook use, perplexity, aux losses, VQA exact match
-data.py        one dataset split in memory
 stages.py      the three training stages: align, pretrain, anneal
 """

@@ -2,8 +2,9 @@
 
 The tiny preset is calibrated for 64 px shapes on 2 CPU cores (shared/DESIGN.md section 4): patch 4 so one
 merged position covers 8x8 pixels (objects are 14-22 px wide, so colour and shape of one object land in the
-same few positions), K-means-initialised base codebooks with LayerNorm-ed matching, captions that name
-shape and colour in stage 1 and every question of an image in each step of stages 2-3.
+same few positions), a grounded warm-up of the random ViT on the data's object boxes (in place of the report's
+pretrained SigLIP), K-means-initialised base codebooks with LayerNorm-ed matching, captions that name shape and
+colour in stage 1 and every question of an image in each step of stages 2-3.
 """
 from __future__ import annotations
 
@@ -66,6 +67,12 @@ class TokenizerConfig:
     # gradient into full-size steps). Stage 1 therefore also runs at the report's adapter rate 2e-4.
     # Named without the `train` prefix so it is part of every tokenizer stage's key.
     aux_warmup: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=80, batch_size=32, lr=2e-3, warmup_steps=10))
+    # Grounded warm-up of a randomly initialised ViT at the start of stage 1, before K-means: tower, merge and
+    # adapter learn to name the object (shape, colour) under every position from the data's object boxes
+    # (kelix/tokenizer/grounding.py). Stands in for the report's pretrained SigLIP, whose patch features already
+    # say what is where; skipped with `vit_pretrained` and on data without object boxes. 0 steps = none.
+    vit_warmup: TrainConfig = field(default_factory=lambda: TrainConfig(
+        num_steps=600, batch_size=32, lr=1e-3, warmup_steps=10, weight_decay=0.0))
     # Validation images used for the returned metrics (0 = the whole val split).
     eval_images: int = 0
     # Seed of every random init (ViT, adapter, codebooks, aux decoder) and of K-means.
@@ -93,7 +100,7 @@ def tokenizer_preset(preset: str) -> TokenizerConfig:
             vit_intermediate_size=3072, num_codebooks=8, codebook_size=1024, code_dim=64, base_dim=768,
             embed_dim=1024, aux_hidden_size=1024, aux_num_layers=8, aux_num_heads=16, aux_num_kv_heads=8,
             aux_intermediate_size=3072, text_vocab_size=32000, max_text_len=256, kmeans_images=8192, adapter_lr_scale=1.0,
-            kmeans_max_samples=200_000,
+            kmeans_max_samples=200_000, vit_warmup=TrainConfig(num_steps=0),
             train1=TrainConfig(num_steps=5000, batch_size=256, precision="bf16"),
             train2=TrainConfig(num_steps=20000, batch_size=256, precision="bf16"),
             train3=TrainConfig(num_steps=5000, batch_size=256, precision="bf16", warmup_steps=0),
@@ -105,7 +112,7 @@ def tokenizer_preset(preset: str) -> TokenizerConfig:
         vit_intermediate_size=4304, num_codebooks=8, codebook_size=8192, code_dim=128, base_dim=4096,
         embed_dim=4096, aux_hidden_size=1024, aux_num_layers=28, aux_num_heads=16, aux_num_kv_heads=8,
         aux_intermediate_size=3072, text_vocab_size=151_669, max_text_len=1024, kmeans_images=65536, adapter_lr_scale=1.0,
-        kmeans_max_samples=1_000_000,
+        kmeans_max_samples=1_000_000, vit_warmup=TrainConfig(num_steps=0),
         train1=TrainConfig(num_steps=20000, batch_size=1024, precision="bf16", warmup_steps=500),
         train2=TrainConfig(num_steps=100000, batch_size=1024, precision="bf16", warmup_steps=2000),
         train3=TrainConfig(num_steps=10000, batch_size=1024, precision="bf16", warmup_steps=0),

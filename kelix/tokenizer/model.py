@@ -29,7 +29,7 @@ def config_from_dict(tree: dict) -> TokenizerConfig:
     unknown = set(tree) - names
     if unknown:
         raise ValueError(f"tokenizer config has unknown keys {sorted(unknown)}")
-    # The only mapping-valued fields are schedules (train1..3, aux_warmup).
+    # The only mapping-valued fields are schedules (train1..3, aux_warmup, vit_warmup).
     tree = {k: (TrainConfig(**v) if isinstance(v, dict) else v) for k, v in tree.items()}
     return TokenizerConfig(**tree)
 

@@ -14,9 +14,11 @@ import time
 import torch
 
 from kelix.text import TextTokenizer, dataset_texts, train_text_tokenizer
+from kelix.tokenizer import grounding
 from kelix.tokenizer.aux_decoder import AuxDecoder
 from kelix.tokenizer.config import TokenizerConfig
 from kelix.data.reader import load_split
+from kelix.tokenizer.encoder import feature_dim
 from kelix.tokenizer.evaluate import evaluate
 from kelix.tokenizer.kmeans import init_codebooks
 from kelix.tokenizer.model import KelixTokenizer
@@ -47,7 +49,7 @@ def anneal(ctx) -> dict[str, float]:
 
 def _architecture(cfg: TokenizerConfig) -> dict:
     """The config fields that shape the weights (schedules and eval settings excluded)."""
-    skip = {"train1", "train2", "train3", "aux_warmup", "eval_images", "max_answer_len", "kmeans_iters",
+    skip = {"train1", "train2", "train3", "aux_warmup", "vit_warmup", "eval_images", "max_answer_len", "kmeans_iters",
             "kmeans_max_samples", "kmeans_images", "codebook_init", "vit_pretrained", "seed", "beta",
             "adapter_lr_scale"}
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
@@ -86,8 +88,44 @@ def warmup_aux(ctx, model: TokenizerTrainer, rows: TextRows, images: torch.Tenso
           progress=ctx.progress)
 
 
+def warmup_vit(ctx, tokenizer: KelixTokenizer, records: list[dict], images: torch.Tensor) -> dict[str, float]:
+    """Grounded warm-up of a randomly initialised tower (see TokenizerConfig.vit_warmup and grounding.py).
+
+    Returns the head's val accuracy per attribute on object positions ({} when skipped). Its own run folder
+    keeps its checkpoints apart, so a crash here resumes here."""
+    cfg = ctx.cfg.tokenizer
+    wcfg = cfg.vit_warmup
+    if wcfg.num_steps <= 0 or cfg.vit_pretrained:
+        return {}
+    vocab = grounding.attribute_vocab(records)
+    if any(len(v) < 2 for v in vocab.values()):
+        print(f"warning: {ctx.name}: the training records carry no object boxes, so the ViT's grounded warm-up is "
+              "skipped; set tokenizer.vit_warmup.num_steps=0 to silence this")
+        return {}
+    labels = grounding.position_labels(records, vocab, cfg.grid, cfg.image_size)
+    torch.manual_seed(cfg.seed + 2)
+    model = grounding.GroundingTrainer(tokenizer.encoder, grounding.GroundingHead(feature_dim(cfg), vocab)).to(ctx.device)
+    model.requires_grad_(True)
+    sampler = StepSampler(images.shape[0], wcfg.batch_size, seed=wcfg.seed)
+
+    def get_batch(i: int):
+        idx = sampler.indices(i)
+        return images[idx].to(ctx.device).float().div_(255), labels[idx].to(ctx.device)
+
+    run_dir = ctx.out_dir / "vit_warmup"
+    train(model, [{"params": list(model.parameters()), "lr": wcfg.lr}], get_batch, grounding.grounding_step_fn,
+          wcfg, run_dir, desc=f"{ctx.name} ViT grounded warm-up",
+          logger=MetricLogger(run_dir / "metrics.jsonl", prefix="vit_warmup_"), progress=ctx.progress)
+    val_records, val_images = load_split(ctx.data_dir, "val", cfg.image_size, limit=cfg.eval_images or 500)
+    val_labels = grounding.position_labels(val_records, vocab, cfg.grid, cfg.image_size)
+    with torch.no_grad():
+        feats = torch.cat([tokenizer.encoder(val_images[i:i + 256].to(ctx.device).float().div_(255))
+                           for i in range(0, len(val_records), 256)])
+    return {f"vit_warmup_{a}_acc": v for a, v in model.head.accuracy(feats, val_labels.to(ctx.device)).items()}
+
+
 def build_models(ctx, task: str, records: list[dict], images: torch.Tensor):
-    """(tokenizer, aux decoder, text tokenizer, training text rows).
+    """(tokenizer, aux decoder, text tokenizer, training text rows, metrics of stage 1's ViT warm-up).
 
     Stage 1 builds them fresh (seeded, K-means-initialised codebooks, warmed-up aux decoder); later stages load
     the previous stage's outputs and check that they were built with this config's architecture.
@@ -98,6 +136,7 @@ def build_models(ctx, task: str, records: list[dict], images: torch.Tensor):
         text_tok = train_text_tokenizer(dataset_texts(records), cfg.text_vocab_size)
         rows = TextRows(records, text_tok, cfg.max_text_len)
         tokenizer = KelixTokenizer.from_config(cfg).to(ctx.device)
+        warm = warmup_vit(ctx, tokenizer, records, images)
         torch.manual_seed(cfg.seed + 1)
         aux = AuxDecoder.from_tokenizer_config(cfg, text_tok.vocab_size).to(ctx.device)
         if cfg.codebook_init not in ("kmeans", "random"):
@@ -105,7 +144,7 @@ def build_models(ctx, task: str, records: list[dict], images: torch.Tensor):
         if tokenizer.quantizer is not None and cfg.codebook_init == "kmeans":
             kmeans_init(tokenizer, images, cfg, ctx.device)
         warmup_aux(ctx, TokenizerTrainer(tokenizer, aux), rows, images)
-        return tokenizer, aux, text_tok, rows
+        return tokenizer, aux, text_tok, rows, warm
     src = ctx.input(source)
     text_tok = TextTokenizer.load(src)
     tokenizer = KelixTokenizer.from_pretrained(src / "model", map_location=ctx.device)
@@ -113,7 +152,8 @@ def build_models(ctx, task: str, records: list[dict], images: torch.Tensor):
         diff = sorted(k for k, v in _architecture(cfg).items() if _architecture(tokenizer.cfg).get(k) != v)
         raise ValueError(f"{source}'s tokenizer was built with different {', '.join(diff)} than this config")
     tokenizer.cfg = cfg
-    return tokenizer, AuxDecoder.from_pretrained(src / "aux"), text_tok, TextRows(records, text_tok, cfg.max_text_len)
+    rows = TextRows(records, text_tok, cfg.max_text_len)
+    return tokenizer, AuxDecoder.from_pretrained(src / "aux"), text_tok, rows, {}
 
 
 def run_task(ctx, task: str) -> dict[str, float]:
@@ -121,7 +161,7 @@ def run_task(ctx, task: str) -> dict[str, float]:
     cfg = ctx.cfg.tokenizer
     tcfg = getattr(cfg, PLAN[task][0])
     records, images = load_split(ctx.data_dir, "train", cfg.image_size)
-    tokenizer, aux, text_tok, rows = build_models(ctx, task, records, images)
+    tokenizer, aux, text_tok, rows, warm = build_models(ctx, task, records, images)
     model = TokenizerTrainer(tokenizer, aux).to(ctx.device)
     groups = param_groups(model, task, tcfg)
     sampler = StepSampler(len(records), tcfg.batch_size, seed=tcfg.seed)
@@ -144,6 +184,6 @@ def run_task(ctx, task: str) -> dict[str, float]:
                        max_answer_len=cfg.max_answer_len)
     metrics.update(steps=float(result.step), resumed_from_step=float(result.resumed_from), train_seconds=train_seconds,
                    eval_seconds=time.perf_counter() - t0 - train_seconds,
-                   stopped_by_budget=float(result.stopped_by_budget))
+                   stopped_by_budget=float(result.stopped_by_budget), **warm)
     ctx.logger.log({f"val_{k}": v for k, v in metrics.items()}, result.step)
     return metrics
