@@ -29,6 +29,13 @@ from kelix.tokenizer.model import KelixTokenizer  # noqa: E402
 CROP = 24
 
 
+def positions_of(obj: dict, g: int) -> tuple[int, list[int]]:
+    """The merged position under an object's centre on a g x g grid, and its 3 x 3 neighbourhood (edge-clamped)."""
+    cx, cy = min(int(obj["x"] * g), g - 1), min(int(obj["y"] * g), g - 1)
+    around = [min(max(cy + dy, 0), g - 1) * g + min(max(cx + dx, 0), g - 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    return cy * g + cx, around
+
+
 @torch.no_grad()
 def object_features(tok: KelixTokenizer, data: str, split: str, limit: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """{'<source>/<where>': [objects, features]} and the shape labels [objects]."""
@@ -43,11 +50,9 @@ def object_features(tok: KelixTokenizer, data: str, split: str, limit: int) -> t
         side = tok.cfg.image_size
         for b, rec in enumerate(records[start:start + 256]):
             for obj in rec["objects"]:
-                cx, cy = min(int(obj["x"] * g), g - 1), min(int(obj["y"] * g), g - 1)
-                around = [min(max(cy + dy, 0), g - 1) * g + min(max(cx + dx, 0), g - 1)
-                          for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+                cell, around = positions_of(obj, g)
                 for name, f in sources.items():
-                    feats.setdefault(f"{name}/cell", []).append(f[b, cy * g + cx])
+                    feats.setdefault(f"{name}/cell", []).append(f[b, cell])
                     feats.setdefault(f"{name}/3x3", []).append(f[b, around].flatten())
                 px, py = int(obj["x"] * side), int(obj["y"] * side)
                 feats.setdefault("pixels/crop", []).append(padded[b, :, py:py + CROP, px:px + CROP].flatten())
@@ -55,13 +60,13 @@ def object_features(tok: KelixTokenizer, data: str, split: str, limit: int) -> t
     return {k: torch.stack(v) for k, v in feats.items()}, torch.tensor(labels)
 
 
-def probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-          epochs: int = 300, seed: int = 0) -> float:
-    """Val accuracy of a one-hidden-layer MLP trained full-batch on standardised features."""
+def fit_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, classes: int,
+                epochs: int = 300, seed: int = 0) -> torch.Tensor:
+    """Test predictions of a one-hidden-layer MLP trained full-batch on standardised features."""
     torch.manual_seed(seed)
     mean, std = train_x.mean(0), train_x.std(0) + 1e-5
-    a, b = (train_x - mean) / std, (val_x - mean) / std
-    net = torch.nn.Sequential(torch.nn.Linear(a.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, len(SHAPES)))
+    a, b = (train_x - mean) / std, (test_x - mean) / std
+    net = torch.nn.Sequential(torch.nn.Linear(a.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, classes))
     opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=1e-2)
     for _ in range(epochs):
         loss = F.cross_entropy(net(a), train_y)
@@ -69,17 +74,28 @@ def probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return float((net(b).argmax(1) == val_y).float().mean())
+        return net(b).argmax(1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+          epochs: int = 300, seed: int = 0) -> float:
+    """Val accuracy of the MLP on shape labels."""
+    return float((fit_predict(train_x, train_y, val_x, len(SHAPES), epochs, seed) == val_y).float().mean())
+
+
+def probe_parser(doc: str, scored_split: str) -> argparse.ArgumentParser:
+    """The probes' command line: tokenizer folders, data, image counts of train and the scored split, threads."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("tokenizers", nargs="+", help="tokenizer model folders (a stage's out_dir/model)")
     parser.add_argument("--data", default="data/shapes")
     parser.add_argument("--train-images", type=int, default=3000)
-    parser.add_argument("--val-images", type=int, default=500)
+    parser.add_argument(f"--{scored_split}-images", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = probe_parser(__doc__, "val").parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for folder in args.tokenizers:
