@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -59,8 +58,8 @@ def test_accuracy_counts_only_object_positions():
     assert acc == {"shape": 1.0, "colour": 1.0}  # right on the one object position; the 2 background ones don't count
 
 
-def test_the_warm_up_teaches_the_tower_where_objects_are(tiny_dataset, one_thread):
-    """A few dozen steps on 64 images bring the shape loss well below a uniform guess's (ln 6)."""
+def test_the_warm_up_teaches_the_tower_where_objects_are(tiny_dataset, tmp_path, one_thread):
+    """40 steps on 64 images cut the shape loss (object plus background cross-entropy) by more than 40%."""
     cfg = TokenizerConfig(vit_hidden_size=32, vit_num_layers=1, vit_num_heads=2, vit_intermediate_size=64,
                           num_codebooks=2, code_dim=8)
     records, images = load_split(tiny_dataset, "train", cfg.image_size, limit=64)
@@ -80,8 +79,7 @@ def test_the_warm_up_teaches_the_tower_where_objects_are(tiny_dataset, one_threa
 
     tcfg = TrainConfig(num_steps=40, batch_size=64, lr=1e-3, warmup_steps=2, weight_decay=0.0, checkpoint_every=100)
     train(model, [{"params": list(model.parameters()), "lr": tcfg.lr}], lambda i: (x, labels), step_fn, tcfg,
-          tiny_dataset.parent / "grounding-run", progress=False)
-    shutil.rmtree(tiny_dataset.parent / "grounding-run")
+          tmp_path / "run", progress=False)
     with torch.no_grad():
         after = model.head.losses(model.encoder(x), labels)["shape"]
     assert float(before) > 1.0 and float(after) < 0.6 * float(before), (float(before), losses)

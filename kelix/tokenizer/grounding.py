@@ -20,15 +20,13 @@ from torch import nn
 # out of training stay unseen as pairs).
 ATTRIBUTES = ("shape", "colour")
 NONE = "<none>"
+IGNORE = -100  # F.cross_entropy's ignore_index: positions left out of the loss
 
 
 def attribute_vocab(records: list[dict]) -> dict[str, list[str]]:
     """Sorted values of each attribute over the records' objects, "<none>" first (the background class)."""
     return {a: [NONE, *sorted({str(o[a]) for r in records for o in r.get("objects", []) if a in o})]
             for a in ATTRIBUTES}
-
-
-IGNORE = -100  # F.cross_entropy's ignore_index
 
 
 def position_labels(records: list[dict], vocab: dict[str, list[str]], grid: int, image_size: int) -> torch.Tensor:
