@@ -56,13 +56,19 @@ def _architecture(cfg: TokenizerConfig) -> dict:
 
 
 @torch.no_grad()
+def encoder_features(tokenizer: KelixTokenizer, images: torch.Tensor, device, batch: int = 256) -> torch.Tensor:
+    """Encoder + adapter features [N, P, D] (on the CPU) of uint8 images, in batches."""
+    return torch.cat([tokenizer.encoder(images[i:i + batch].to(device).float().div_(255)).cpu()
+                      for i in range(0, images.shape[0], batch)])
+
+
+@torch.no_grad()
 def kmeans_init(tokenizer: KelixTokenizer, images: torch.Tensor, cfg: TokenizerConfig, device) -> None:
     """K-means the base codebooks on encoder+adapter features of a seeded subset of training images."""
     gen = torch.Generator().manual_seed(cfg.seed)
     pick = torch.randperm(images.shape[0], generator=gen)[: cfg.kmeans_images]
-    feats = [tokenizer.encoder(images[pick[i:i + 256]].to(device).float().div_(255)).cpu()
-             for i in range(0, len(pick), 256)]
-    init_codebooks(tokenizer.quantizer, torch.cat(feats), cfg.kmeans_iters, cfg.kmeans_max_samples, cfg.seed)
+    feats = encoder_features(tokenizer, images[pick], device)
+    init_codebooks(tokenizer.quantizer, feats, cfg.kmeans_iters, cfg.kmeans_max_samples, cfg.seed)
 
 
 def warmup_aux(ctx, model: TokenizerTrainer, rows: TextRows, images: torch.Tensor) -> None:
@@ -118,9 +124,7 @@ def warmup_vit(ctx, tokenizer: KelixTokenizer, records: list[dict], images: torc
           logger=MetricLogger(run_dir / "metrics.jsonl", prefix="vit_warmup_"), progress=ctx.progress)
     val_records, val_images = load_split(ctx.data_dir, "val", cfg.image_size, limit=cfg.eval_images or 500)
     val_labels = grounding.position_labels(val_records, vocab, cfg.grid, cfg.image_size)
-    with torch.no_grad():
-        feats = torch.cat([tokenizer.encoder(val_images[i:i + 256].to(ctx.device).float().div_(255))
-                           for i in range(0, len(val_records), 256)])
+    feats = encoder_features(tokenizer, val_images, ctx.device).to(ctx.device)
     return {f"vit_warmup_{a}_acc": v for a, v in model.head.accuracy(feats, val_labels.to(ctx.device)).items()}
 
 
