@@ -110,3 +110,51 @@ def test_the_warm_up_is_skipped_where_it_cannot_or_need_not_run(tiny_dataset, tm
     assert tok_stages.warmup_vit(context(cfg, tiny_dataset, tmp_path, "align"), tok, records, images) == {}
     assert all(torch.equal(before[k], v) for k, v in tok.state_dict().items())
     assert ("no object boxes" in capsys.readouterr().out) == (why == "no boxes")
+
+
+def test_recolouring_changes_colours_not_shapes():
+    """Grey stays grey (the rotation's axis), coloured pixels change hue, and no pixel changes whether it
+    differs from the background: the shapes are the same, in other colours."""
+    x = torch.full((2, 3, 8, 8), 0.9)
+    x[:, :, 2:5, 2:5] = torch.tensor([0.86, 0.15, 0.15])[:, None, None]  # a red square on light grey
+    y = grounding.recolour(x, torch.rand(2, 3, generator=torch.Generator().manual_seed(0)))
+    assert not torch.allclose(y[:, 0], y[:, 1], atol=1e-6)  # the square has a colour ...
+    background = y[:, :, 0, 0]
+    assert torch.allclose(background, background.mean(1, keepdim=True).expand_as(background), atol=1e-5)  # grey
+    square = y[:, :, 3, 3]
+    assert not torch.allclose(square[0], square[1], atol=0.05)  # each image draws its own colours
+    assert ((y - y[:, :, :1, :1]).abs().amax(1) > 0.05).equal((x - x[:, :, :1, :1]).abs().amax(1) > 0.05)
+
+
+def test_a_factorised_head_reads_shape_and_colour_from_their_own_sub_vectors():
+    vocab = grounding.attribute_vocab(RECORDS)
+    head = grounding.GroundingHead(16, vocab, parts=4)  # 4 sub-vectors of 4: shape reads 0-7, colour 8-15
+    f = torch.randn(1, 3, 16)
+    g = f.clone()
+    g[..., 8:] += 1.0
+    assert torch.equal(head.heads[0](f[..., head.reads["shape"]]), head.heads[0](g[..., head.reads["shape"]]))
+    assert head.reads == {"shape": slice(0, 8), "colour": slice(8, 16)}
+    # Invariance compares the shape sub-vectors in the quantizer's matching space (each LayerNorm-ed):
+    # a colour-half change and a rescaling of a sub-vector cost nothing, a shape-half change does.
+    assert float(head.invariance(f, g)) == 0.0
+    scaled = f.clone()
+    scaled[..., :4] *= 3.0
+    assert float(head.invariance(f, scaled)) < 1e-8
+    h = f.clone()
+    h[..., 4:8] = torch.randn(1, 3, 4)
+    assert float(head.invariance(f, h)) > 0.1
+    assert float(grounding.GroundingHead(16, vocab).invariance(f, h)) == 0.0  # unfactorised: no invariance
+
+
+def test_a_paired_batch_keeps_shape_labels_and_drops_recoloured_object_colours():
+    vocab = grounding.attribute_vocab(RECORDS)
+    labels = grounding.position_labels(RECORDS, vocab, grid=4, image_size=32)
+    images = torch.rand(2, 3, 32, 32)
+    draws = torch.rand(2, 3)
+    x, y, paired = grounding.with_recolourings(images, labels, draws)
+    # Every odd example is the recolouring of the one before it, with its row of the draws.
+    assert paired and torch.equal(x[0], images[0]) and torch.equal(x[1], grounding.recolour(images[:1], draws[1:])[0])
+    assert torch.equal(y[0], labels[0]) and torch.equal(y[1, :, 0], labels[0, :, 0])
+    objects = labels[0, :, 0] > 0
+    assert (y[1, objects, 1] == I).all()  # the recoloured objects' colours have no name
+    assert torch.equal(y[1, ~objects, 1], labels[0, ~objects, 1])  # background and left-out edges are kept

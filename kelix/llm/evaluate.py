@@ -27,20 +27,27 @@ def questions(split: Split, limit: int) -> list[tuple[int, str, str, str]]:
 @torch.no_grad()
 def vqa_accuracy(llm: KelixLLM, text_tok: TextTokenizer, split: Split, limit: int = 500,
                  batch_size: int = 64) -> dict[str, float]:
-    """`vqa_accuracy` overall and `vqa_accuracy_<type>` per question type."""
+    """`vqa_accuracy` overall and `vqa_accuracy_<type>` per question type; on a split with records of held-out
+    colour-shape pairs (test), also `vqa_holdout_accuracy` on those records' questions and `vqa_seen_accuracy`
+    on the others."""
     llm.eval()
     items = questions(split, limit)
     right: dict[str, list[bool]] = defaultdict(list)
+    pairs: dict[bool, list[bool]] = {True: [], False: []}  # by whether the record shows a held-out pair
     for start in range(0, len(items), batch_size):
         chunk = items[start: start + batch_size]
         codes = split.codes[[i for i, *_ in chunk]]
         preds = answer_codes(llm, text_tok, codes, [q for _, q, _, _ in chunk])
-        for (_, _, a, kind), pred in zip(chunk, preds):
+        for (i, _, a, kind), pred in zip(chunk, preds):
             ok = normalise(pred) == normalise(a)
             right[kind].append(ok)
             right["all"].append(ok)
+            pairs[bool(split.records[i].get("holdout"))].append(ok)
     out = {"vqa_accuracy": sum(right.pop("all", [])) / max(1, len(items))}
     out.update({f"vqa_accuracy_{k}": sum(v) / len(v) for k, v in sorted(right.items())})
+    if pairs[True]:
+        out.update({f"vqa_{name}_accuracy": sum(pairs[h]) / len(pairs[h])
+                    for name, h in (("holdout", True), ("seen", False)) if pairs[h]})
     return out
 
 

@@ -73,6 +73,10 @@ class TokenizerConfig:
     # say what is where; skipped with `vit_pretrained` and on data without object boxes. 0 steps = none.
     vit_warmup: TrainConfig = field(default_factory=lambda: TrainConfig(
         num_steps=600, batch_size=32, lr=1e-3, warmup_steps=10, weight_decay=0.0))
+    # Factorise the warm-up over the sub-codebooks: shape in the first half of the N sub-vectors (and kept the
+    # same under random recolouring), colour in the second half, so held-out colour-shape pairs quantize to new
+    # combinations of seen codes (grounding.GroundingHead). Needs the `multi` quantizer and N >= 2.
+    vit_warmup_factorise: bool = True
     # Validation images used for the returned metrics (0 = the whole val split).
     eval_images: int = 0
     # Seed of every random init (ViT, adapter, codebooks, aux decoder) and of K-means.

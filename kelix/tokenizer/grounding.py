@@ -12,6 +12,7 @@ them skips the warm-up.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -65,12 +66,47 @@ def position_labels(records: list[dict], vocab: dict[str, list[str]], grid: int,
     return out
 
 
-class GroundingHead(nn.Module):
-    """One linear classifier per attribute on the adapter's per-position features (discarded after the warm-up)."""
+def recolour(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] with each image's hues rotated about the grey axis and its brightness and saturation
+    scaled, by its row of `draws` ([B, 3] uniforms in [0, 1)): the same shapes in other colours (a colour jitter)."""
+    dev, dt = images.device, images.dtype
+    u = draws.to(dev, dt)
+    theta = u[:, 0] * 2 * math.pi
+    k = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=dev, dtype=dt) / math.sqrt(3)
+    # Rodrigues: rotation about the unit grey axis (1, 1, 1)/sqrt(3); it keeps grey grey.
+    rot = (torch.eye(3, device=dev, dtype=dt) + theta.sin()[:, None, None] * k
+           + (1 - theta.cos())[:, None, None] * (k @ k))
+    grey = images.mean(1, keepdim=True)
+    chroma = torch.einsum("bij,bjhw->bihw", rot, images - grey)
+    gain, saturation = 0.6 + 0.6 * u[:, 1], 0.6 + 0.8 * u[:, 2]
+    return (grey * gain[:, None, None, None] + chroma * saturation[:, None, None, None]).clamp(0, 1)
 
-    def __init__(self, feature_dim: int, vocab: dict[str, list[str]]):
+
+class GroundingHead(nn.Module):
+    """One linear classifier per attribute on the adapter's per-position features (discarded after the warm-up).
+
+    With `parts` > 1 (the quantizer's N sub-vectors of `feature_dim / parts`) the heads are factorised over the
+    sub-codebooks: shape reads the first half of the sub-vectors, colour the second half, and `invariance` pulls
+    the shape half of a recoloured image onto the original's. Each sub-codebook then holds one attribute, so a
+    colour-shape pair held out of training quantizes to a new combination of seen codes instead of snapping to
+    the code of a seen pair (docs/benchmarks.md)."""
+
+    def __init__(self, feature_dim: int, vocab: dict[str, list[str]], parts: int = 1):
         super().__init__()
-        self.heads = nn.ModuleList(nn.Linear(feature_dim, len(vocab[a])) for a in ATTRIBUTES)
+        self.parts = parts
+        cut = feature_dim // parts * (parts // 2) if parts > 1 else 0
+        self.reads = {"shape": slice(0, cut or feature_dim), "colour": slice(cut, feature_dim)}
+        self.heads = nn.ModuleList(nn.Linear(self.reads[a].stop - self.reads[a].start, len(vocab[a]))
+                                   for a in ATTRIBUTES)
+
+    def invariance(self, features: torch.Tensor, recoloured: torch.Tensor) -> torch.Tensor:
+        """Mean squared distance between the normalised shape sub-vectors of the images and their recolourings
+        (the quantizer's matching space); 0 when the heads are not factorised."""
+        if self.parts <= 1:
+            return features.new_zeros(())
+        cut = self.reads["shape"].stop
+        a, b = (f[..., :cut].unflatten(-1, (self.parts // 2, -1)) for f in (features, recoloured))
+        return (F.layer_norm(a, a.shape[-1:]) - F.layer_norm(b, b.shape[-1:])).pow(2).mean()
 
     def losses(self, features: torch.Tensor, labels: torch.Tensor,
                global_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -87,7 +123,7 @@ class GroundingHead(nn.Module):
         counts = (global_counts(local) if global_counts is not None else local).tolist()
         out = {}
         for k, (a, head) in enumerate(zip(ATTRIBUTES, self.heads)):
-            logits, target = head(features), labels[..., k]
+            logits, target = head(features[..., self.reads[a]]), labels[..., k]
             # Every rank takes the same branches: the counts are global.
             out[a] = sum(F.cross_entropy(logits[m], target[m], reduction="sum") * (world_size / n)
                          for m, n in zip(masks, counts) if n > 0)
@@ -99,7 +135,7 @@ class GroundingHead(nn.Module):
         held = labels[..., 0] > 0  # object positions (background is 0, left-out edges IGNORE)
         out = {}
         for k, (a, head) in enumerate(zip(ATTRIBUTES, self.heads)):
-            pred = head(features).argmax(-1)
+            pred = head(features[..., self.reads[a]]).argmax(-1)
             out[a] = float((pred == labels[..., k])[held].float().mean()) if held.any() else 0.0
         return out
 
@@ -113,7 +149,25 @@ class GroundingTrainer(nn.Module):
         self.head = head
 
 
+def with_recolourings(images: torch.Tensor, labels: torch.Tensor, draws: torch.Tensor) -> tuple:
+    """The batch with every odd example replaced by a recolouring (`draws` [B, 3], see `recolour`) of the one
+    before it, whose object colours are left out of the loss: what a factorised head trains on, at the cost of
+    the plain batch. Pairs sit side by side in the global batch, so under torchrun every rank holds whole pairs
+    of an even slice and the ranks together train on what one process does."""
+    m = images.shape[0] // 2
+    x, y = images.clone(), labels.clone()
+    x[1::2] = recolour(images[0::2][:m], draws[1::2])
+    y[1::2] = labels[0::2][:m]
+    colour = y[1::2, :, ATTRIBUTES.index("colour")]
+    colour[y[1::2, :, 0] > 0] = IGNORE  # an object's new colour has no name; background stays "<none>"
+    return x, y, True
+
+
 def grounding_step_fn(model: GroundingTrainer, batch) -> tuple[torch.Tensor, dict[str, float]]:
-    images, labels = batch
-    losses = model.head.losses(model.encoder(images), labels, distributed.sum_across_ranks, distributed.world_size())
+    images, labels, paired = batch if len(batch) == 3 else (*batch, False)
+    features = model.encoder(images)
+    losses = model.head.losses(features, labels, distributed.sum_across_ranks, distributed.world_size())
+    if paired:  # every rank holds the same number of whole pairs, so the plain mean is the global one
+        m = images.shape[0] // 2
+        losses["invariance"] = model.head.invariance(features[0::2][:m], features[1::2])
     return sum(losses.values()), {f"{a}_loss": float(v.detach()) for a, v in losses.items()}

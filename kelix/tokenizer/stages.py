@@ -110,13 +110,21 @@ def warmup_vit(ctx, tokenizer: KelixTokenizer, records: list[dict], images: torc
         return {}
     labels = grounding.position_labels(records, vocab, cfg.grid, cfg.image_size)
     torch.manual_seed(cfg.seed + 2)
-    model = grounding.GroundingTrainer(tokenizer.encoder, grounding.GroundingHead(feature_dim(cfg), vocab)).to(ctx.device)
+    factorise = cfg.vit_warmup_factorise and cfg.quantizer == "multi" and cfg.num_codebooks >= 2
+    head = grounding.GroundingHead(feature_dim(cfg), vocab, parts=cfg.num_codebooks if factorise else 1)
+    model = grounding.GroundingTrainer(tokenizer.encoder, head).to(ctx.device)
     model.requires_grad_(True)
     sampler = StepSampler(images.shape[0], wcfg.batch_size, seed=wcfg.seed)
 
     def get_batch(i: int):
         idx = sampler.indices(i)
-        return images[idx].to(ctx.device).float().div_(255), labels[idx].to(ctx.device)
+        x, y = images[idx].to(ctx.device).float().div_(255), labels[idx].to(ctx.device)
+        if not factorise:
+            return x, y
+        # Drawn for the global batch and seeded by the step: a resumed warm-up, and any number of processes,
+        # draw the same recolourings.
+        draws = torch.rand(wcfg.batch_size, 3, generator=torch.Generator().manual_seed(wcfg.seed * 1_000_003 + i))
+        return grounding.with_recolourings(x, y, draws[sampler.rank_slice])
 
     run_dir = ctx.out_dir / "vit_warmup"
     train(model, [{"params": list(model.parameters()), "lr": wcfg.lr}], get_batch, grounding.grounding_step_fn,
