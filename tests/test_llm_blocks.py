@@ -158,3 +158,36 @@ def test_parallel_ablation_from_config(text_tok):
     assert isinstance(llm.block_decoder, ParallelBlockDecoder)
     with pytest.raises(ValueError, match="block_decoder"):
         toy_llm(text_tok, LLMConfig(block_decoder="mlp"), num_codebooks=N, codebook_size=S)
+
+
+def test_length_buckets_split_a_batch_into_shorter_pieces_with_the_same_loss_and_gradient(llm, text_tok):
+    from kelix.llm.loss import bucketed_nbp_loss, nbp_loss
+
+    b = SequenceBuilder(llm.vocab, text_tok)
+    codes = torch.randint(0, S, (P, N), generator=torch.Generator().manual_seed(0))
+    seqs = [b.understanding(codes, [("What colour is the circle?", "red"), ("How many objects are there?", "one")]),
+            b.generation("a red circle", codes), b.captioning(codes, "One object: a small red circle."),
+            b.generation("", codes), b.understanding(codes, [("Is there a red circle?", "yes")])]
+    batch = collate(seqs, llm.vocab)
+    lengths = batch.attention_mask.sum(1)
+    pieces = batch.buckets(3)
+    assert sorted(sum((p.attention_mask.sum(1).tolist() for p in pieces), [])) == sorted(lengths.tolist())
+    assert [p.blocks.shape[1] for p in pieces] == [int(p.attention_mask.sum(1).max()) for p in pieces]
+    assert [p.blocks.shape[1] for p in pieces] == sorted(p.blocks.shape[1] for p in pieces)  # shortest first
+    assert sum(p.attention_mask.numel() for p in pieces) < batch.attention_mask.numel()
+
+    def loss_and_grads(fn):
+        llm.zero_grad(set_to_none=True)
+        loss, metrics = fn()
+        loss.backward()
+        return float(loss.detach()), metrics, {k: p.grad.clone() for k, p in llm.named_parameters() if p.grad is not None}
+
+    whole = loss_and_grads(lambda: nbp_loss(llm, batch))
+    split = loss_and_grads(lambda: bucketed_nbp_loss(llm, batch, 3))
+    llm.zero_grad(set_to_none=True)
+    assert split[0] == pytest.approx(whole[0], rel=1e-5)
+    for k in ("text_loss", "code_loss", "eob_loss", "text_acc"):
+        assert split[1][k] == pytest.approx(whole[1][k], rel=1e-5), k
+    assert whole[2].keys() == split[2].keys()
+    for k, g in whole[2].items():
+        torch.testing.assert_close(split[2][k], g, rtol=1e-4, atol=1e-6)

@@ -30,6 +30,11 @@ class LLMConfig:
     visual_embed_init: Literal["codebook", "random"] = "codebook"
     # Learned embedding of each image block's grid position, added to its block input (block_encoder.py).
     image_position_embed: bool = True
+    # Training batches run as this many pieces of similar-length rows, each padded only to its own longest
+    # (Batch.buckets): the same loss and gradient with less padding to compute. On 2 CPU cores a tiny stage-2
+    # step takes about 3/4 of the time in 4 pieces (docs/benchmarks.md); on a GPU one large piece keeps the
+    # matmuls big, so small and paper use 1.
+    length_buckets: int = 4
     # Share of generation examples whose caption is dropped, for classifier-free guidance.
     caption_dropout: float = 0.1
     # Share of generation sequences in every stage; the rest is understanding (and interleaved in stage 2).
@@ -44,14 +49,17 @@ class LLMConfig:
     # teacher-forced text and code losses it reports.
     val_questions: int = 300
     val_records: int = 64
-    # Tiny schedule: ~1,150 steps of batch 32 (sequences of ~70-210 blocks), sized for <= 10 minutes of the four
+    # Tiny schedule: ~1,250 steps of batch 32 (sequences of ~70-210 blocks), sized for <= 10 minutes of the four
     # stages on 2 CPU cores. Stage 1 is short: with a randomly initialised (frozen) Qwen3 there is little to
     # align; its job here is to start the Block Decoder, LM head and visual projection before stage 2. Stage 2
     # gets the rest of the budget: a tiny reader learns spatial relations late (after ~1,700 steps from perfect
     # codes; docs/benchmarks.md), and 1,500 steps instead of 450 lifted test VQA from 0.51 to 0.61. A step
-    # takes 0.4-0.5 s on 2 cores, so 900 keep the four stages inside 10 minutes (1,200 took 11).
+    # took 0.3-0.5 s on 2 cores in one padded piece, about 1.2x less in length buckets (`length_buckets`), so
+    # 1,000 keep the four stages inside 10 minutes (1,200 in one piece took 11). Its rate 2e-3
+    # reaches at 900 steps the text and code losses 1e-3 reached at 1,500; 3e-3 overshoots on text
+    # (docs/benchmarks.md, "Factorised sub-codebooks").
     train1: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=50, batch_size=32, lr=1e-3))
-    train2: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=900, batch_size=32, lr=1e-3))
+    train2: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=1000, batch_size=32, lr=2e-3))
     train3: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=100, batch_size=32, lr=3e-4, warmup_steps=0))
     train4: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=100, batch_size=32, lr=2e-4, warmup_steps=0))
 
@@ -64,6 +72,7 @@ def llm_preset(preset: str) -> LLMConfig:
         return LLMConfig(
             hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, intermediate_size=3072,
             max_blocks=1024, bd_hidden_size=512, bd_num_layers=1, bd_num_heads=4, bd_intermediate_size=2048,
+            length_buckets=1,
             train1=TrainConfig(num_steps=5000, batch_size=64, precision="bf16"),
             train2=TrainConfig(num_steps=50000, batch_size=64, precision="bf16"),
             train3=TrainConfig(num_steps=5000, batch_size=64, precision="bf16", warmup_steps=0),
@@ -74,6 +83,7 @@ def llm_preset(preset: str) -> LLMConfig:
     return LLMConfig(
         hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=12288,
         max_blocks=8192, bd_hidden_size=512, bd_num_layers=1, bd_num_heads=4, bd_intermediate_size=2048,
+        length_buckets=1,
         train1=TrainConfig(num_steps=10000, batch_size=512, precision="bf16", warmup_steps=500),
         train2=TrainConfig(num_steps=200000, batch_size=256, grad_accum_steps=2, precision="bf16", warmup_steps=2000),
         train3=TrainConfig(num_steps=20000, batch_size=256, grad_accum_steps=2, precision="bf16", warmup_steps=0),

@@ -13,13 +13,19 @@ mean of the ranks' losses.
 """
 from __future__ import annotations
 
+from collections import defaultdict
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-from typing import Callable
-
 from kelix.llm.model import KelixLLM
 from kelix.llm.sequences import IMAGE, TEXT, Batch
+
+
+def target_counts(batch: Batch) -> torch.Tensor:
+    """[text, image] target blocks in the batch (float64 on the CPU, ready for an all-reduce)."""
+    return torch.stack([(batch.kinds == TEXT).sum(), (batch.kinds == IMAGE).sum()]).double().cpu()
 
 
 def nbp_loss(llm: KelixLLM, batch: Batch, global_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -34,7 +40,7 @@ def nbp_loss(llm: KelixLLM, batch: Batch, global_counts: Callable[[torch.Tensor]
     eob_logits = []
 
     text, image = batch.kinds == TEXT, batch.kinds == IMAGE
-    local = torch.stack([text.sum(), image.sum()]).double().cpu()
+    local = target_counts(batch)
     counts = global_counts(local) if global_counts is not None else local
     # Sum over this rank's tokens / tokens in the global batch * world size (= the local mean on one process).
     scale = (world_size / counts.clamp_min(1)).tolist()
@@ -74,3 +80,27 @@ def nbp_loss(llm: KelixLLM, batch: Batch, global_counts: Callable[[torch.Tensor]
     terms.append(eob * eob_scale)
     return sum(terms), metrics
 
+
+
+def bucketed_nbp_loss(llm: KelixLLM, batch: Batch, buckets: int,
+                      global_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      world_size: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
+    """`nbp_loss` of the batch computed on `buckets` length-sorted pieces (`Batch.buckets`), each padded only to
+    its own longest row. Every piece is normalised by the whole batch's token counts, so the summed loss and its
+    gradient are the whole batch's; the metrics are the pieces' means weighted by their token counts."""
+    if buckets <= 1:
+        return nbp_loss(llm, batch, global_counts, world_size)
+    local = target_counts(batch)
+    total = global_counts(local) if global_counts is not None else local  # one all-reduce for all pieces
+    loss = 0.0
+    sums: dict[str, float] = defaultdict(float)
+    weights: dict[str, float] = defaultdict(float)
+    for piece in batch.buckets(buckets):
+        piece_loss, metrics = nbp_loss(llm, piece, lambda _: total, world_size)
+        loss = loss + piece_loss
+        n_text, n_image = target_counts(piece).tolist()
+        for k, v in metrics.items():
+            w = n_text if k.startswith("text") else n_image if k.startswith("code") else n_text + n_image
+            sums[k] += v * w
+            weights[k] += w
+    return loss, {k: sums[k] / weights[k] for k in sums}

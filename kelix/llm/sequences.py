@@ -51,9 +51,24 @@ class Batch:
     groups: torch.Tensor  # [B, L] attention group (0 = shared prefix)
     position_ids: torch.Tensor  # [B, L] RoPE positions (each group continues from the end of the prefix)
 
+    def _fields(self) -> tuple[torch.Tensor, ...]:
+        return (self.blocks, self.attention_mask, self.targets, self.kinds, self.image_pos, self.groups,
+                self.position_ids)
+
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.blocks, self.attention_mask, self.targets, self.kinds,
-                                               self.image_pos, self.groups, self.position_ids)))
+        return Batch(*(t.to(device) for t in self._fields()))
+
+    def buckets(self, count: int) -> list["Batch"]:
+        """A right-padded batch as up to `count` batches of rows of similar length, shortest first, each cut to
+        its own longest row: the same sequences with less padding to compute (a tiny stage-2 batch of 70-210
+        blocks pads to about 1.6x its real blocks in one piece, 1.2x in four)."""
+        lengths = self.attention_mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        out = []
+        for rows in torch.tensor_split(order, min(count, len(order))):
+            width = int(lengths[rows].max())
+            out.append(Batch(*(t[rows, :width] for t in self._fields())))
+        return out
 
 
 class SequenceBuilder:

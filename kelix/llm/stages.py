@@ -20,7 +20,7 @@ from torch import nn
 
 from kelix.llm.corpus import Mixture, Split, load_splits, min_gap_cells
 from kelix.llm.evaluate import teacher_forced_losses, vqa_accuracy
-from kelix.llm.loss import nbp_loss
+from kelix.llm.loss import bucketed_nbp_loss
 from kelix.llm.model import KelixLLM
 from kelix.llm.sequences import SequenceBuilder
 from kelix.text import TextTokenizer
@@ -97,7 +97,7 @@ def run(ctx, stage: int) -> dict[str, float]:
     world = distributed.world_size()
 
     def step_fn(model, batch):
-        return nbp_loss(model, batch.to(device), distributed.sum_across_ranks, world)
+        return bucketed_nbp_loss(model, batch.to(device), cfg.length_buckets, distributed.sum_across_ranks, world)
 
     # Under FSDP2 each Qwen3 decoder layer is its own unit: an 8B backbone is never gathered whole.
     result = train(llm, [{"params": params}], mixture, step_fn, tcfg, ctx.out_dir, desc=ctx.name,

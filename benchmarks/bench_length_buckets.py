@@ -1,0 +1,88 @@
+"""Stage-2 LLM step time with the batch run as length buckets (`llm.length_buckets`) against one padded piece.
+
+One tiny LLM (the preset's shapes, random init) trains on stage 2's mixture of the dataset's records with random
+codes (sequence lengths, which are what padding costs, do not depend on the code values). The settings run
+alternately in rounds of `--steps` steps so drift on a shared machine hits them alike; each reports the median
+step time over its rounds and the loss of the first step (the same batch, so the same loss).
+
+    .venv/bin/python benchmarks/bench_length_buckets.py --data data/shapes --steps 20 --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kelix.env import apply_env_defaults  # noqa: E402
+
+apply_env_defaults()
+
+import torch  # noqa: E402
+
+from kelix.config import load_config  # noqa: E402
+from kelix.data.reader import iter_records  # noqa: E402
+from kelix.llm.corpus import Mixture, Split  # noqa: E402
+from kelix.llm.loss import bucketed_nbp_loss  # noqa: E402
+from kelix.llm.model import KelixLLM  # noqa: E402
+from kelix.llm.sequences import SequenceBuilder  # noqa: E402
+from kelix.text import dataset_texts, train_text_tokenizer  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="data/shapes")
+    parser.add_argument("--buckets", default="1,2,4", help="comma-separated settings to compare")
+    parser.add_argument("--steps", type=int, default=20, help="steps per setting per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--records", type=int, default=2000, help="training records to draw batches from")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = load_config("tiny")
+    lcfg, tcfg = cfg.llm, cfg.tokenizer
+    records = list(iter_records(args.data, "train"))[: args.records]
+    text_tok = train_text_tokenizer(dataset_texts(records), tcfg.text_vocab_size)
+    n, s, p = tcfg.num_codebooks, tcfg.codebook_size, tcfg.num_positions
+    g = torch.Generator().manual_seed(0)
+    split = Split(records, torch.randint(0, s, (len(records), p, n), generator=g))
+    torch.manual_seed(0)
+    llm = KelixLLM.from_config(lcfg, n, s, text_tok.vocab_size, torch.randn(n, s, tcfg.code_dim), num_positions=p)
+    llm.block_encoder.fold(llm.lm.get_input_embeddings())  # stage 2: one embedding table, everything trains
+    opt = torch.optim.AdamW(llm.parameters(), lr=1e-4)
+    inter = lcfg.interleaved_fraction
+    cap = (1.0 - lcfg.generation_fraction - inter) * lcfg.caption_fraction
+    mixture = Mixture(SequenceBuilder(llm.vocab, text_tok), split, lcfg.train2.batch_size, 0,
+                      understanding=1.0 - lcfg.generation_fraction - inter - cap, captioning=cap,
+                      generation=lcfg.generation_fraction, interleaved=inter, max_blocks=lcfg.max_blocks)
+    settings = [int(b) for b in args.buckets.split(",")]
+    times: dict[int, list[float]] = {b: [] for b in settings}
+    with torch.no_grad():
+        first_loss = {b: float(bucketed_nbp_loss(llm, mixture(0), b)[0]) for b in settings}
+    real = sum(int(mixture(i).attention_mask.sum()) for i in range(args.steps))
+    padded = {b: sum(sum(x.attention_mask.numel() for x in mixture(i).buckets(b)) for i in range(args.steps))
+              for b in settings}
+    for _ in range(args.rounds):
+        for b in settings:
+            t0 = time.perf_counter()
+            for i in range(args.steps):
+                loss, _ = bucketed_nbp_loss(llm, mixture(i), b)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            times[b].append((time.perf_counter() - t0) / args.steps)
+    base = statistics.median(times[settings[0]])
+    print(f"| length_buckets | s / step (median of {args.rounds} rounds of {args.steps}) | vs {settings[0]} | "
+          "padded / real blocks | first-step loss |")
+    print("|---:|---:|---:|---:|---:|")
+    for b in settings:
+        t = statistics.median(times[b])
+        print(f"| {b} | {t:.3f} | {base / t:.2f}x | {padded[b] / real:.2f} | {first_loss[b]:.5f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
