@@ -32,7 +32,7 @@ class LLMConfig:
     image_position_embed: bool = True
     # Training batches run as this many pieces of similar-length rows, each padded only to its own longest
     # (Batch.buckets): the same loss and gradient with less padding to compute. On 2 CPU cores a tiny stage-2
-    # step takes about 3/4 of the time in 4 pieces (docs/benchmarks.md); on a GPU one large piece keeps the
+    # step takes about 4/5 of the time in 4 pieces (docs/benchmarks.md); on a GPU one large piece keeps the
     # matmuls big, so small and paper use 1.
     length_buckets: int = 4
     # Share of generation examples whose caption is dropped, for classifier-free guidance.

@@ -81,7 +81,6 @@ def nbp_loss(llm: KelixLLM, batch: Batch, global_counts: Callable[[torch.Tensor]
     return sum(terms), metrics
 
 
-
 def bucketed_nbp_loss(llm: KelixLLM, batch: Batch, buckets: int,
                       global_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       world_size: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
