@@ -144,18 +144,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--skip-speed", action="store_true", help="only the quality numbers")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
+                        help="also time the speed half with these overrides on top of --set, in the same run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.preset, overrides=args.set)
     positions, results = cfg.tokenizer.num_positions, {}
-    if not args.skip_speed:
-        results["train"] = bench_train(cfg, cfg.llm.hidden_size, positions, args.repeats)
-        results["sampling"] = bench_sampling(cfg, cfg.llm.hidden_size, positions, args.steps, args.repeats)
-        for row in results["train"]:
-            print(f"train {row['stage']:6s} batch {row['batch']:4d}: {row['train_step_s']:.3f} s/step "
+    runs = [("", cfg)] + ([("baseline", load_config(args.preset, overrides=args.set + args.baseline))]
+                          if args.baseline else [])
+    for name, rcfg in runs if not args.skip_speed else []:
+        prefix = f"{name}_" if name else ""
+        results[prefix + "train"] = bench_train(rcfg, rcfg.llm.hidden_size, positions, args.repeats)
+        results[prefix + "sampling"] = bench_sampling(rcfg, rcfg.llm.hidden_size, positions, args.steps, args.repeats)
+        label = f"[{name}] " if name else ""
+        for row in results[prefix + "train"]:
+            print(f"{label}train {row['stage']:6s} batch {row['batch']:4d}: {row['train_step_s']:.3f} s/step "
                   f"({row['train_step_cpu_s']:.3f} CPU s), {row['num_steps']} steps ~ {row['est_train_s']:.0f} s")
-        for row in results["sampling"]:
-            print(f"sample batch {row['batch']:3d}, {row['steps']} steps, guidance {row['guidance_scale']}: "
+        for row in results[prefix + "sampling"]:
+            print(f"{label}sample batch {row['batch']:3d}, {row['steps']} steps, guidance {row['guidance_scale']}: "
                   f"{row['sample_s_per_image']:.3f} s/image ({row['sample_cpu_s_per_image']:.3f} CPU s)")
     if args.data and args.artifacts:
         dirs = _stage_dirs(cfg, Path(args.data), args.artifacts)

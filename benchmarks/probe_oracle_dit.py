@@ -36,6 +36,17 @@ from kelix.dit.trainer import DiTData, grid_image, train_dit  # noqa: E402
 from probe_oracle_reader import oracle_labels  # noqa: E402
 
 
+@torch.no_grad()
+def tokenizer_conditions(folder: str, images: torch.Tensor, val_images: torch.Tensor):
+    """(train, val) conditions from a saved tokenizer's codes: any number of val images, unlike the stage cache."""
+    from kelix.dit.pipeline import tokenizer_condition
+    from kelix.tokenizer.model import KelixTokenizer
+
+    tok = KelixTokenizer.from_pretrained(Path(folder)).eval()
+    embed = lambda x: torch.cat([tokenizer_condition(tok, x[i:i + 256].float() / 255) for i in range(0, len(x), 256)])
+    return embed(images), embed(val_images), "code-conditioned"
+
+
 def conditions(conds_path: str, records: list[dict], val_records: list[dict], grid: int, size: int):
     """(train conditions, val conditions, what): the oracle's, or an aedit stage's cached tokenizer codes."""
     if conds_path:
@@ -61,6 +72,29 @@ def estimate_errors(model: KelixDiT, x0: torch.Tensor, cond: torch.Tensor, sigma
     return out
 
 
+def disagreements(refs: torch.Tensor, outs: torch.Tensor) -> str:
+    """Where reconstructions and originals differ: object count, then shape and colour of matched objects."""
+    from collections import Counter
+
+    from kelix.data.detector import detect, match_objects
+
+    count = pairs = shape = colour = 0
+    confusions = Counter()
+    for r, o in zip(refs, outs):
+        expected = [{"shape": d.shape, "colour": d.colour, "box": d.box} for d in detect(r)]
+        m = match_objects(expected, detect(o))
+        count += not m.missing and not m.extra
+        for e, d in m.pairs:
+            pairs += 1
+            shape += e["shape"] == d.shape
+            colour += e["colour"] == d.colour
+            if e["shape"] != d.shape:
+                confusions[f"{e['shape']}->{d.shape}"] += 1
+    top = ", ".join(f"{k} {v}" for k, v in confusions.most_common(4))
+    return (f"count right {count / len(refs):.2f}; of {pairs} matched objects shape right {shape / max(pairs, 1):.2f}, "
+            f"colour right {colour / max(pairs, 1):.2f}; shape errors: {top}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/shapes")
@@ -69,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--conds", default="", help="an aedit stage's cond_cache.safetensors: condition on the "
                                                     "tokenizer's codes (train split of the cache) instead of the oracle")
+    parser.add_argument("--tokenizer", default="", help="a saved tokenizer (tokenizer-3's model/): condition on its "
+                                                        "codes, computed here for every train and val image")
+    parser.add_argument("--test", action="store_true", help="score on the test split (held-out colour-shape pairs "
+                                                            "included) instead of val")
     parser.add_argument("--grid", default="", help="also save originals over samples (8 val images) as this PNG")
+    parser.add_argument("--save", default="", help="also save the trained DiT (save_pretrained) in this folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -79,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         tcfg.num_steps = args.steps
     size, grid = cfg.tokenizer.image_size, cfg.tokenizer.grid
     records, images = load_split(args.data, "train", size)
-    val_records, val_images = load_split(args.data, "val", size, limit=args.val_images)
-    conds, val_conds, what = conditions(args.conds, records, val_records, grid, size)
+    val_records, val_images = load_split(args.data, "test" if args.test else "val", size, limit=args.val_images)
+    if args.tokenizer:
+        conds, val_conds, what = tokenizer_conditions(args.tokenizer, images, val_images)
+    else:
+        conds, val_conds, what = conditions(args.conds, records, val_records, grid, size)
     val_images = val_images[: len(val_conds)]
     dcfg = cfg.dit.for_autoencoder()
     torch.manual_seed(tcfg.seed)
@@ -90,10 +132,19 @@ def main(argv: list[str] | None = None) -> int:
         train_dit(model, DiTData(images, conds), tcfg, Path(run_dir), "probe-aedit", progress=False)
     seconds = time.perf_counter() - t0
     model.eval()
+    if args.save:
+        model.save_pretrained(args.save)
     errors = estimate_errors(model, model.encode_images(val_images.float() / 255), val_conds)
     out = model.sample(val_conds, seed=0)
     ref = val_images.float() / 255
     agree = [same_objects(o, r) for o, r in zip(ref, to_tensor(out, ref.shape[-1]))]
+    print(disagreements(ref, to_tensor(out, ref.shape[-1])))
+    held = {tuple(c.split()) for c in cfg.data.holdout_combinations}
+    with_held = [any((o["colour"], o["shape"]) in held for o in r["objects"]) for r in val_records[:len(agree)]]
+    for flag, name in ((True, "images with a held-out colour-shape pair"), (False, "images of seen pairs only")):
+        part = [a for a, h in zip(agree, with_held) if h == flag]
+        if part:
+            print(f"{name}: agreement {sum(part) / len(part):.3f} on {len(part)}")
     if args.grid:
         grid_image([to_tensor(ref[:8], out.shape[-1]), out[:8]]).save(args.grid)
     print(f"{what} AE-DiT ({dcfg.prediction} prediction, logit mean {dcfg.logit_mean}), {tcfg.num_steps} steps "

@@ -16,7 +16,8 @@ from kelix.data.config import DataConfig
 from kelix.stages import StageContext
 from kelix.train.metrics import MetricLogger
 
-FAST = ["dit.image_size=16", "dit.patch_size=2", "dit.num_layers=1", "dit.num_eval_images=4", "dit.sample_steps=2",
+FAST = ["dit.image_size=16", "dit.patch_size=2", "dit.num_layers=1", "dit.head_dim=16", "dit.cross_attention_dim=64",
+        "dit.num_eval_images=4", "dit.sample_steps=2",
         *(f"dit.{t}.{k}={v}" for t in ("train1", "train2", "train_ae")
           for k, v in (("num_steps", 3), ("batch_size", 4), ("checkpoint_every", 2), ("log_every", 1)))]
 
@@ -128,3 +129,4 @@ def test_a_dit_stage_seeds_its_initial_weights_from_the_schedule_its_key_covers(
     assert torch.equal(init("dit.train1.seed=7"), init())
     assert aedit_key("dit.train_ae.seed=7") != aedit_key()
     assert not torch.equal(init("dit.train_ae.seed=7"), init())
+

@@ -20,11 +20,14 @@ class DiTConfig:
     # Image side the DiT produces (before any DC-AE decode), and the side it is resized to at the end.
     image_size: int = 32
     output_size: int = 64
-    patch_size: int = 2
+    # tiny: patch 4 at 32 px, so one image token per tokenizer position (8 x 8) and a quarter of patch 2's
+    # tokens; the saved compute buys width 256 and many small-batch steps, which draw corners where patch 2 at
+    # width 128 drew round blobs (docs/benchmarks.md, "The tiny DiT draws shapes").
+    patch_size: int = 4
     num_layers: int = 2
     num_heads: int = 4
-    head_dim: int = 32
-    cross_attention_dim: int = 128
+    head_dim: int = 64
+    cross_attention_dim: int = 256
     mlp_ratio: float = 2.5
     # Channels of the aligned condition path (the P-grid projected and concatenated to the DiT input; 0 = off,
     # cross-attention only as in SANA). The conditions are per image cell, so this is a cheap, strong prior.
@@ -50,7 +53,8 @@ class DiTConfig:
     cond_dropout: float = 0.1
     # EMA of the weights used for sampling and saved (0 = the last iterate).
     ema_decay: float = 0.995
-    # AE-DiT sampling guidance (its condition pins the image down; strong guidance only oversaturates).
+    # AE-DiT sampling guidance. Its condition pins the image down, so it needs far less than text-to-image;
+    # on tiny a little (1.5) sharpens the corners a short run leaves soft, more only oversaturates.
     ae_guidance_scale: float = 1.0
     # The AE-DiT's own `prediction` and `logit_mean`. Its condition nearly fixes the image, so in pixel space
     # x-prediction trained towards noise gives clean reconstructions where velocity prediction leaves the
@@ -62,10 +66,15 @@ class DiTConfig:
     # Validation images scored (PSNR, detector agreement) at the end of each stage.
     num_eval_images: int = 32
     # Log a sample grid to the active MLflow run at the first checkpoint at least this many steps after the last.
-    grid_every: int = 100
-    train1: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=300, batch_size=32, lr=1e-3))
-    train2: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=100, batch_size=32, lr=3e-4, warmup_steps=0))
-    train_ae: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=300, batch_size=32, lr=1e-3))
+    grid_every: int = 400
+    # tiny: batch 8. For the same number of examples seen, 4x the steps at a quarter of the batch drew far more
+    # recognisable shapes (AE-DiT val agreement 0.55 at batch 32 x 900 -> 0.81 at batch 8 x 3600; docs/benchmarks.md).
+    train1: TrainConfig = field(default_factory=lambda: TrainConfig(
+        num_steps=1500, batch_size=8, lr=2e-3, checkpoint_every=200))
+    train2: TrainConfig = field(default_factory=lambda: TrainConfig(
+        num_steps=500, batch_size=8, lr=5e-4, warmup_steps=0, checkpoint_every=200))
+    train_ae: TrainConfig = field(default_factory=lambda: TrainConfig(
+        num_steps=2400, batch_size=8, lr=2e-3, checkpoint_every=200))
 
     def for_autoencoder(self) -> "DiTConfig":
         """These settings with the AE-DiT's own prediction target, noise levels and guidance: what it trains and
@@ -75,7 +84,7 @@ class DiTConfig:
 
 def dit_preset(preset: str) -> DiTConfig:
     if preset == "tiny":
-        return DiTConfig(ae_prediction="sample", ae_logit_mean=0.8)
+        return DiTConfig(ae_prediction="sample", ae_logit_mean=0.8, ae_guidance_scale=1.5)
     if preset == "small":
         return DiTConfig(
             latent="dcae", dcae_path="weights/dc-ae-f32c32", image_size=256, output_size=224, patch_size=1,
