@@ -17,8 +17,9 @@ tokenizer's quantized embeddings (the AE-DiT); the model sees only the tensor. C
   decoders read a spatial latent (SD upscaler, diffusion tokenizer decoders). Cross-attention still reads the
   full sequence; the aligned path only saves the tiny model from learning the position alignment from scratch.
 - `prediction="sample"` (x-prediction, JiT arXiv 2511.13720): the network outputs the clean latent and the
-  velocity it implies is derived from it. Pixel patches are high-dimensional (4x4x3) next to a 128-wide
-  network; predicting the low-dimensional image instead of carrying the noise through trains far faster.
+  velocity it implies is derived from it. Pixel patches are high-dimensional (4x4x3 = 48 values on tiny) next
+  to a 256-wide network; predicting the low-dimensional image instead of carrying the noise through trains far
+  faster.
   The loss stays the velocity MSE, and the sampler sees velocities either way.
 - Image tokens get SANA's sin-cos patch positions (`pos_embed="sincos"`; SANA-1.0 itself uses none and relies
   on the Mix-FFN convolutions, which is too local for a 2-layer tiny model to place objects).
