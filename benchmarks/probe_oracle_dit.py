@@ -8,9 +8,12 @@ encodes every object exactly would give. The DiT trains with the tiny preset's A
 stage's own trainer, then is scored like the aedit stage (PSNR, detector agreement on val).
 
     .venv/bin/python benchmarks/probe_oracle_dit.py --steps 300
+    .venv/bin/python benchmarks/probe_oracle_dit.py --tokenizer artifacts/tokenizer-3/<key>/model --val-images 256 --test
 
 The DiT takes the preset's AE-DiT settings (`dit.ae_prediction`, `dit.ae_logit_mean`, `dit.ae_guidance_scale`);
-`--conds` conditions on an aedit stage's cached tokenizer codes instead of the oracle. It also prints how far
+`--conds` conditions on an aedit stage's cached tokenizer codes instead of the oracle, `--tokenizer` on a saved
+tokenizer's codes computed here (any number of val or, with `--test`, test images; test holds the held-out
+colour-shape pairs, and the agreement is also split by them). It also prints how far
 the network's estimate of the image, x - sigma * v, is from the image at a few noise levels: at sigma = 1 the
 input is pure noise, so whatever noise the estimate still holds is what sampling keeps as speckle.
 """
@@ -43,7 +46,10 @@ def tokenizer_conditions(folder: str, images: torch.Tensor, val_images: torch.Te
     from kelix.tokenizer.model import KelixTokenizer
 
     tok = KelixTokenizer.from_pretrained(Path(folder)).eval()
-    embed = lambda x: torch.cat([tokenizer_condition(tok, x[i:i + 256].float() / 255) for i in range(0, len(x), 256)])
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tokenizer_condition(tok, x[i:i + 256].float() / 255) for i in range(0, len(x), 256)])
+
     return embed(images), embed(val_images), "code-conditioned"
 
 
@@ -111,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", default="", help="also save the trained DiT (save_pretrained) in this folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    if args.test and args.conds:
+        parser.error("--test needs --tokenizer (or the oracle): the stage cache holds val conditions only")
     torch.set_num_threads(args.threads)
     cfg = load_config("tiny", overrides=args.overrides)
     tcfg = cfg.dit.train_ae

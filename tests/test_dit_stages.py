@@ -129,4 +129,3 @@ def test_a_dit_stage_seeds_its_initial_weights_from_the_schedule_its_key_covers(
     assert torch.equal(init("dit.train1.seed=7"), init())
     assert aedit_key("dit.train_ae.seed=7") != aedit_key()
     assert not torch.equal(init("dit.train_ae.seed=7"), init())
-
