@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         grid_image([to_tensor(ref[:8], out.shape[-1]), out[:8]]).save(args.grid)
     print(f"{what} AE-DiT ({dcfg.prediction} prediction, logit mean {dcfg.logit_mean}), {tcfg.num_steps} steps "
           f"({seconds:.0f} s): PSNR {float(psnr(ref, out).mean()):.1f} dB, detector agreement "
-          f"{sum(agree) / len(agree):.3f} on {len(agree)} val images; image-estimate MSE "
+          f"{sum(agree) / len(agree):.3f} on {len(agree)} {'test' if args.test else 'val'} images; image-estimate MSE "
           + ", ".join(f"{e:.3f} at sigma {s}" for s, e in errors.items()))
     return 0
 
