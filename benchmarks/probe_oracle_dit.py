@@ -34,7 +34,7 @@ from kelix.config import load_config  # noqa: E402
 from kelix.data.reader import load_split  # noqa: E402
 from kelix.dit import flow  # noqa: E402
 from kelix.dit.model import KelixDiT  # noqa: E402
-from kelix.dit.pipeline import psnr, same_objects, to_tensor  # noqa: E402
+from kelix.dit.pipeline import psnr, to_tensor  # noqa: E402
 from kelix.dit.trainer import DiTData, grid_image, train_dit  # noqa: E402
 from probe_oracle_reader import oracle_labels  # noqa: E402
 
@@ -78,17 +78,20 @@ def estimate_errors(model: KelixDiT, x0: torch.Tensor, cond: torch.Tensor, sigma
     return out
 
 
-def disagreements(refs: torch.Tensor, outs: torch.Tensor) -> str:
-    """Where reconstructions and originals differ: object count, then shape and colour of matched objects."""
+def compare_objects(refs: torch.Tensor, outs: torch.Tensor) -> tuple[list[bool], str]:
+    """(per image: the detector finds the same objects in both, `pipeline.same_objects`; where they differ:
+    object count, then shape and colour of matched objects), from one detection pass over both."""
     from collections import Counter
 
     from kelix.data.detector import detect, match_objects
 
     count = pairs = shape = colour = 0
     confusions = Counter()
+    exact = []
     for r, o in zip(refs, outs):
         expected = [{"shape": d.shape, "colour": d.colour, "box": d.box} for d in detect(r)]
         m = match_objects(expected, detect(o))
+        exact.append(m.exact)
         count += not m.missing and not m.extra
         for e, d in m.pairs:
             pairs += 1
@@ -97,8 +100,9 @@ def disagreements(refs: torch.Tensor, outs: torch.Tensor) -> str:
             if e["shape"] != d.shape:
                 confusions[f"{e['shape']}->{d.shape}"] += 1
     top = ", ".join(f"{k} {v}" for k, v in confusions.most_common(4))
-    return (f"count right {count / len(refs):.2f}; of {pairs} matched objects shape right {shape / max(pairs, 1):.2f}, "
-            f"colour right {colour / max(pairs, 1):.2f}; shape errors: {top}")
+    summary = (f"count right {count / len(refs):.2f}; of {pairs} matched objects shape right "
+               f"{shape / max(pairs, 1):.2f}, colour right {colour / max(pairs, 1):.2f}; shape errors: {top}")
+    return exact, summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     errors = estimate_errors(model, model.encode_images(val_images.float() / 255), val_conds)
     out = model.sample(val_conds, seed=0)
     ref = val_images.float() / 255
-    agree = [same_objects(o, r) for o, r in zip(ref, to_tensor(out, ref.shape[-1]))]
-    print(disagreements(ref, to_tensor(out, ref.shape[-1])))
+    agree, summary = compare_objects(ref, to_tensor(out, ref.shape[-1]))
+    print(summary)
     held = {tuple(c.split()) for c in cfg.data.holdout_combinations}
     with_held = [any((o["colour"], o["shape"]) in held for o in r["objects"]) for r in val_records[:len(agree)]]
     for flag, name in ((True, "images with a held-out colour-shape pair"), (False, "images of seen pairs only")):
