@@ -150,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cfg = load_config(args.preset, overrides=args.set)
     positions, results = cfg.tokenizer.num_positions, {}
-    runs = [("", cfg)] + ([("baseline", load_config(args.preset, overrides=args.set + args.baseline))]
-                          if args.baseline else [])
-    for name, rcfg in runs if not args.skip_speed else []:
+    runs = [] if args.skip_speed else [("", cfg)]
+    if runs and args.baseline:
+        runs.append(("baseline", load_config(args.preset, overrides=args.set + args.baseline)))
+    for name, rcfg in runs:
         prefix = f"{name}_" if name else ""
         results[prefix + "train"] = bench_train(rcfg, rcfg.llm.hidden_size, positions, args.repeats)
         results[prefix + "sampling"] = bench_sampling(rcfg, rcfg.llm.hidden_size, positions, args.steps, args.repeats)
