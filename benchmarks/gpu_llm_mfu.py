@@ -27,6 +27,7 @@ from kelix.llm.loss import nbp_loss  # noqa: E402
 from kelix.llm.model import KelixLLM  # noqa: E402
 from kelix.llm.sequences import Batch, SequenceBuilder, collate  # noqa: E402
 from kelix.llm.vocab import EMPTY  # noqa: E402
+from kelix.train.loop import compile_forwards  # noqa: E402
 
 EOS = 2  # kelix.text: ids 0-2 are <pad> <bos> <eos>
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-size", type=int, default=0, help="matmul side for the peak (default 8192 GPU, 1024 CPU)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each Qwen3 decoder layer and the Block Decoder (fuses the elementwise work)")
+                        help="torch.compile each Qwen3 decoder layer and the Block Decoder, as runtime.compile does")
     parser.add_argument("--profile", action="store_true", help="also print the top operators of one step (torch.profiler)")
     args = parser.parse_args(argv)
 
@@ -99,12 +100,6 @@ def main(argv: list[str] | None = None) -> int:
                                num_positions=tok.num_positions)
     llm.fold_visual_embeddings()  # stage 2 onward: one table, every parameter trains
     llm.to(device).train()
-    if args.compile:
-        # `forward = torch.compile(forward)`, not `Module.compile()`: on torch 2.13 (and, judging by the unchanged
-        # step time on the H200, 2.11) `Module.compile()` leaves the module running eagerly (dynamo never sees a
-        # frame), which is what made the first `--compile` measurement a no-op. The counters below prove it ran.
-        for module in [*llm.lm.model.layers, llm.block_decoder]:
-            module.forward = torch.compile(module.forward)
     batch_size = args.batch_size or cfg.llm.train2.batch_size
     batch = synthetic_batch(llm, batch_size, tok.num_positions, args.text_len).to(device)
     opt = torch.optim.AdamW(llm.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -117,11 +112,19 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
+    # FLOPs of an eager step (the same products a compiled one runs), counted before compiling so that the
+    # counting mode never meets a compiled graph.
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
+    if args.compile:
+        # What a stage does with runtime.compile (kelix/train/loop.py); the counters below prove it compiled.
+        compile_forwards(llm.repeated_blocks())
+    t_warm = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    warmup_s = time.perf_counter() - t_warm  # with --compile: mostly compiling
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -149,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": sum(p.numel() for p in llm.parameters()), "step_s": step_s,
         "blocks_per_s": blocks / step_s, "tokens_per_s": tokens / step_s,
         "step_tflop": flops / 1e12, "achieved_tflops": flops / step_s / 1e12, "peak_tflops": peak / 1e12,
-        "mfu": flops / step_s / peak,
+        "mfu": flops / step_s / peak, "warmup_s": warmup_s,
     }
+    if device.type == "cuda":
+        result["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     if args.compile:
         from torch._dynamo.utils import counters
 

@@ -180,7 +180,7 @@ def test_length_buckets_split_a_batch_into_shorter_pieces_with_the_same_loss_and
         llm.zero_grad(set_to_none=True)
         loss, metrics = fn()
         loss.backward()
-        return float(loss.detach()), metrics, {k: p.grad.clone() for k, p in llm.named_parameters() if p.grad is not None}
+        return float(loss.detach()), {k: float(v) for k, v in metrics.items()}, {k: p.grad.clone() for k, p in llm.named_parameters() if p.grad is not None}
 
     whole = loss_and_grads(lambda: nbp_loss(llm, batch))
     split = loss_and_grads(lambda: bucketed_nbp_loss(llm, batch, 3))

@@ -249,3 +249,38 @@ def test_a_metric_some_micro_batches_lack_is_averaged_over_those_that_have_it(tm
     result = train(model, [{"params": model.parameters()}], counting_batches, only_even, _cfg(num_steps=2), tmp_path,
                    progress=False)
     assert result.metrics["code_loss"] == 5.0 and result.metrics["always"] == 1.0
+
+
+def test_tensor_metrics_are_read_after_the_step_and_averaged_like_floats(tmp_path):
+    """A step_fn may return its metrics as device tensors (nbp_loss does, so the host never waits mid-step)."""
+    results = []
+    for as_tensor in (False, True):
+        model, get_batch, step_fn = _problem()
+
+        def fn(m, batch, as_tensor=as_tensor):
+            loss, _ = step_fn(m, batch)
+            return loss, {"mse": loss.detach() if as_tensor else float(loss.detach())}
+
+        results.append(train(model, [{"params": model.parameters()}], get_batch, fn, _cfg(num_steps=4),
+                             tmp_path / str(as_tensor), progress=False))
+    assert all(type(v) is float for v in results[1].metrics.values())
+    assert results[1].metrics == pytest.approx(results[0].metrics, rel=1e-6)
+    assert results[1].metrics["mse"] == pytest.approx(results[1].metrics["loss"], rel=1e-6)
+
+
+def test_compile_units_train_compiled_and_run_eagerly_afterwards(tmp_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, get_batch, step_fn = _problem()
+    compiled, _, _ = _problem()
+    cfg = _cfg(num_steps=4, grad_accum_steps=1)
+    plain = train(eager, [{"params": eager.parameters()}], get_batch, step_fn, cfg, tmp_path / "a", progress=False)
+    fused = train(compiled, [{"params": compiled.parameters()}], get_batch, step_fn, cfg, tmp_path / "b",
+                  progress=False, compile_units=lambda m: [m[2]])
+    assert counters["stats"]["unique_graphs"] >= 1  # the unit really went through dynamo
+    assert "forward" not in vars(compiled[2])  # the class's eager forward again
+    assert fused.metrics["loss"] == pytest.approx(plain.metrics["loss"], rel=1e-4)
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

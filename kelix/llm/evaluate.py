@@ -69,6 +69,6 @@ def teacher_forced_losses(llm: KelixLLM, text_tok: TextTokenizer, split: Split, 
             seqs.append(builder.generation(rec["prompt"], codes))
         _, metrics = nbp_loss(llm, collate(seqs, llm.vocab).to(llm.device))
         for k, v in metrics.items():  # a batch without questions has no text loss: it must not count as 0
-            sums[k] += v
+            sums[k] += float(v)
             counts[k] += 1
     return {f"{prefix}{k}": v / counts[k] for k, v in sums.items()}

@@ -29,46 +29,51 @@ def target_counts(batch: Batch) -> torch.Tensor:
 
 
 def nbp_loss(llm: KelixLLM, batch: Batch, global_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             world_size: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
+             world_size: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, metrics); the metrics are detached 0-d tensors. Reading them waits for the device, so a training
+    step converts them after its backward: the one wait of this function comes before the LLM's forward is
+    queued (the target positions, whose count sizes the Block Decoder's batch), never in the middle of it."""
     v = llm.vocab
     n = v.num_codebooks
-    table = llm.embedding_table()
-    h = llm.hidden_states(batch.blocks, batch.attention_mask, batch.position_ids, table=table,
-                          image_pos=batch.image_pos, groups=batch.groups)
-    terms: list[torch.Tensor] = []
-    metrics: dict[str, float] = {}
-    eob_logits = []
-
-    text, image = batch.kinds == TEXT, batch.kinds == IMAGE
-    local = target_counts(batch)
+    text_at = (batch.kinds == TEXT).nonzero(as_tuple=True)
+    image_at = (batch.kinds == IMAGE).nonzero(as_tuple=True)
+    n_text, n_image = len(text_at[0]), len(image_at[0])
+    local = torch.tensor([n_text, n_image], dtype=torch.float64)
     counts = global_counts(local) if global_counts is not None else local
     # Sum over this rank's tokens / tokens in the global batch * world size (= the local mean on one process).
     scale = (world_size / counts.clamp_min(1)).tolist()
     eob_scale = world_size / max(float(counts.sum()), 1.0)
 
-    if text.any():
-        tgt = batch.targets[text]  # [M, N+1]: token, <eob>, IGNORE...
-        out = llm.block_decoder(h[text], llm.block_encoder.embed(table, tgt[:, :1]))  # [M, 2, H]
+    table = llm.embedding_table()
+    h = llm.hidden_states(batch.blocks, batch.attention_mask, batch.position_ids, table=table,
+                          image_pos=batch.image_pos, groups=batch.groups)
+    terms: list[torch.Tensor] = []
+    metrics: dict[str, torch.Tensor] = {}
+    eob_logits = []
+
+    if n_text:
+        tgt = batch.targets[text_at]  # [M, N+1]: token, <eob>, IGNORE...
+        out = llm.block_decoder(h[text_at], llm.block_encoder.embed(table, tgt[:, :1]))  # [M, 2, H]
         logits = llm.logits(out[:, 0])
         # A text slot holds a text id or a special (<boi>, <eoi>, ...), never a code.
         logits[:, v.visual_start: v.special_start] = float("-inf")
         token_loss = F.cross_entropy(logits, tgt[:, 0], reduction="none")
         terms.append(token_loss.sum() * scale[0])
-        metrics["text_loss"] = float(token_loss.detach().mean())
-        metrics["text_acc"] = float((logits.argmax(-1) == tgt[:, 0]).float().mean())
+        metrics["text_loss"] = token_loss.detach().mean()
+        metrics["text_acc"] = (logits.detach().argmax(-1) == tgt[:, 0]).float().mean()
         eob_logits.append(out[:, 1])
 
-    if image.any():
-        tgt = batch.targets[image]  # [M, N+1]: c_0..c_{N-1}, <eob>
-        out = llm.block_decoder(h[image], llm.block_encoder.embed(table, tgt[:, :n]))  # [M, N+1, H]
+    if n_image:
+        tgt = batch.targets[image_at]  # [M, N+1]: c_0..c_{N-1}, <eob>
+        out = llm.block_decoder(h[image_at], llm.block_encoder.embed(table, tgt[:, :n]))  # [M, N+1, H]
         code_losses = []
         for i in range(n):
             start, stop = v.codebook_range(i)
             logits = llm.logits(out[:, i], start, stop)
             code_losses.append(F.cross_entropy(logits, tgt[:, i] - start, reduction="sum"))
-            metrics[f"code_loss_{i}"] = float(code_losses[-1].detach()) / len(tgt)
+            metrics[f"code_loss_{i}"] = code_losses[-1].detach() / n_image
         terms.append(torch.stack(code_losses).mean() * scale[1])
-        metrics["code_loss"] = sum(metrics[f"code_loss_{i}"] for i in range(n)) / n
+        metrics["code_loss"] = torch.stack([metrics[f"code_loss_{i}"] for i in range(n)]).mean()
         eob_logits.append(out[:, n])
 
     if not terms:
@@ -76,14 +81,14 @@ def nbp_loss(llm: KelixLLM, batch: Batch, global_counts: Callable[[torch.Tensor]
     eob_out = torch.cat(eob_logits)
     eob = F.cross_entropy(llm.logits(eob_out), torch.full((len(eob_out),), v.eob, device=eob_out.device),
                           reduction="sum")
-    metrics["eob_loss"] = float(eob.detach()) / len(eob_out)
+    metrics["eob_loss"] = eob.detach() / len(eob_out)
     terms.append(eob * eob_scale)
     return sum(terms), metrics
 
 
 def bucketed_nbp_loss(llm: KelixLLM, batch: Batch, buckets: int,
                       global_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      world_size: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
+                      world_size: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`nbp_loss` of the batch computed on `buckets` length-sorted pieces (`Batch.buckets`), each padded only to
     its own longest row. Every piece is normalised by the whole batch's token counts, so the summed loss and its
     gradient are the whole batch's; the metrics are the pieces' means weighted by their token counts."""
@@ -92,7 +97,7 @@ def bucketed_nbp_loss(llm: KelixLLM, batch: Batch, buckets: int,
     local = target_counts(batch)
     total = global_counts(local) if global_counts is not None else local  # one all-reduce for all pieces
     loss = 0.0
-    sums: dict[str, float] = defaultdict(float)
+    sums: dict[str, torch.Tensor] = defaultdict(float)
     weights: dict[str, float] = defaultdict(float)
     for piece in batch.buckets(buckets):
         piece_loss, metrics = nbp_loss(llm, piece, lambda _: total, world_size)

@@ -157,6 +157,10 @@ class KelixLLM(nn.Module):
         """Qwen3's decoder layers: every forward runs each exactly once (a sharding unit for data parallelism)."""
         return list(self.lm.model.layers)
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        """What torch.compile gets while training (runtime.compile): every decoder layer and the Block Decoder."""
+        return [*self.decoder_layers(), self.block_decoder]
+
     def embedding_table(self) -> torch.Tensor:
         return self.block_encoder.table(self.lm.model.embed_tokens.weight)
 

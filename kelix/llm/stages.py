@@ -101,7 +101,8 @@ def run(ctx, stage: int) -> dict[str, float]:
 
     # Under FSDP2 each Qwen3 decoder layer is its own unit: an 8B backbone is never gathered whole.
     result = train(llm, [{"params": params}], mixture, step_fn, tcfg, ctx.out_dir, desc=ctx.name,
-                   logger=ctx.logger, progress=ctx.progress, fsdp_units=lambda m: m.decoder_layers())
+                   logger=ctx.logger, progress=ctx.progress, fsdp_units=lambda m: m.decoder_layers(),
+                   compile_units=(lambda m: m.repeated_blocks()) if ctx.cfg.runtime.compile else None)
 
     if ctx.is_main:  # under torchrun every rank holds the same weights; one writes them
         llm.save_pretrained(ctx.out_dir / "model")

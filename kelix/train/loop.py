@@ -103,6 +103,19 @@ def build_optimizer(param_groups: Iterable[dict], cfg: TrainConfig) -> torch.opt
     return torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
+def compile_forwards(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
+    """Route each module's forward through torch.compile (fuses a transformer layer's norms, rotary and
+    activation work, which an eager step spends more time on than on its matrix products at width 1024).
+
+    `module.forward = torch.compile(module.forward)` rather than `Module.compile()`: on torch 2.11-2.13 the latter
+    left the module running eagerly (dynamo never saw a frame). Layers of one class share a code object, so one
+    graph serves all of them. Undo with `del module.forward`."""
+    modules = list(modules)
+    for module in modules:
+        module.forward = torch.compile(module.forward)
+    return modules
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "bf16" and (device.type == "cuda" and torch.cuda.is_bf16_supported()):
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -133,11 +146,13 @@ def train(
     on_checkpoint: Callable[[int], None] | None = None,
     progress: bool = True,
     fsdp_units: Callable[[torch.nn.Module], Iterable[torch.nn.Module]] | None = None,
+    compile_units: Callable[[torch.nn.Module], Iterable[torch.nn.Module]] | None = None,
 ) -> TrainResult:
     """Train `model` for `cfg.num_steps` optimiser steps, resuming from `run_dir/checkpoints` if present.
 
     `fsdp_units(m)` names the submodules of `m` that FSDP2 shards as their own units (distributed.wrap says
-    which qualify); without it the whole model is one unit."""
+    which qualify); without it the whole model is one unit. `compile_units(m)` names the submodules whose
+    forward runs through torch.compile while training (`compile_forwards`); they run eagerly again afterwards."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     info = distributed.current()
@@ -168,6 +183,8 @@ def train(
         # process of a node at once. On the accelerator the second copy lasts only until it is sharded below.
         model.to("cpu")
     units = list(fsdp_units(trained)) if fsdp and fsdp_units else []
+    # On the copy FSDP trains, not on `model`: a compiled forward is bound to the module it was made from.
+    compiled = compile_forwards(compile_units(trained)) if compile_units else []
     forward_step = (distributed.wrap(_StepModule(trained, step_fn), info, units) if info
                     else (lambda batch: step_fn(model, batch)))
     optimizer = build_optimizer(_groups_from_names(trained, named_groups), cfg)
@@ -198,26 +215,28 @@ def train(
         factor = lr_factor(step, cfg.num_steps, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        sums: dict[str, float] = {}
+        # Metrics may be tensors on the device (a step_fn that reads them itself would make the host wait for the
+        # forward before it can queue the backward): they are read once, after the optimiser step is queued.
+        sums: dict[str, Any] = {}
         counts: dict[str, int] = {}
         for micro in range(cfg.grad_accum_steps):
             batch = get_batch(step * cfg.grad_accum_steps + micro)
             with _autocast(device, cfg.precision):
                 loss, step_metrics = forward_step(batch)
             (loss / cfg.grad_accum_steps).backward()
-            for k, v in {"loss": float(loss.detach()), **step_metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            for k, v in {"loss": loss.detach(), **step_metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
-        # Each metric over the micro-batches that reported it (one without image blocks has no code loss).
-        sums = {k: v / counts[k] for k, v in sums.items()}
         if cfg.grad_clip > 0:
             params = [p for g in optimizer.param_groups for p in g["params"]]
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            sums["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            sums["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            counts["grad_norm"] = 1
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        metrics = sums
+        # Each metric over the micro-batches that reported it (one without image blocks has no code loss).
+        metrics = {k: float(v) / counts[k] for k, v in sums.items()}
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.num_steps:
             metrics = distributed.mean_across_ranks(metrics)
@@ -244,6 +263,8 @@ def train(
             stopped = True
             break
     bar.close()
+    for module in compiled:  # evaluation after training meets other shapes (KV cache, one block at a time)
+        del module.forward
     if fsdp:
         distributed.gather_full(trained, model)
     if park:
