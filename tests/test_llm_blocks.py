@@ -88,6 +88,38 @@ def test_sequences_targets_and_masks(llm, text_tok):
     assert (batch.kinds[1, gen_len:] == 0).all() and (batch.attention_mask[1, gen_len:] == 0).all()
 
 
+def test_question_first_pairs_are_the_prompt_plus_answer_and_never_see_each_other(llm, text_tok):
+    v = llm.vocab
+    b = SequenceBuilder(v, text_tok, question_first=True)
+    codes = torch.randint(0, S, (P, N), generator=torch.Generator().manual_seed(0))
+    first, second = ("What colour is the circle?", "red"), ("Is there a red star?", "no")
+    both = collate([b.understanding(codes, [first, second])], v)
+    prompt = collate([b.understanding_prompt(codes, second[0])], v)
+    q2, a2 = len(text_tok.encode(second[0])), len(text_tok.encode(second[1])) + 1
+    n2 = q2 + 1 + P + 1 + a2  # question <boi> image <eoi> answer <eos>
+    asked = slice(-n2, -a2)
+    # The second question's blocks, positions and image positions are the inference prompt's after <und>.
+    assert prompt.blocks[0, 0, 0] == v.und and prompt.blocks.shape[1] == 1 + n2 - a2
+    assert torch.equal(both.blocks[0, asked], prompt.blocks[0, 1:])
+    assert both.position_ids[0, asked].tolist() == prompt.position_ids[0, 1:].tolist()
+    assert both.image_pos[0, asked].tolist() == prompt.image_pos[0, 1:].tolist()
+    assert both.image_pos[0, -n2 + q2 + 1: -a2 - 1].tolist() == list(range(P))
+    # Targets: the answers only (both questions' images are inputs), the first answer token after <eoi>.
+    assert batch_kinds(both) == {TEXT: len(text_tok.encode(first[1])) + 1 + a2}
+    assert both.targets[0, -a2 - 1, 0] == text_tok.encode(second[1])[0]
+
+    def hidden(batch):
+        return llm.hidden_states(batch.blocks, batch.attention_mask, batch.position_ids, image_pos=batch.image_pos,
+                                 groups=batch.groups)[0]
+
+    torch.testing.assert_close(hidden(both)[asked], hidden(prompt)[1:], atol=1e-5, rtol=1e-4)
+
+
+def batch_kinds(batch) -> dict[int, int]:
+    values, counts = batch.kinds[batch.kinds > 0].unique(return_counts=True)
+    return dict(zip(values.tolist(), counts.tolist()))
+
+
 def test_question_answer_pairs_never_see_each_other(llm, text_tok):
     b = SequenceBuilder(llm.vocab, text_tok)
     codes = torch.randint(0, S, (P, N), generator=torch.Generator().manual_seed(0))

@@ -175,3 +175,22 @@ def test_the_tiny_presets_interleaved_sequences_fit_its_max_blocks(tiny_dataset)
     codes = torch.zeros(t.num_positions, t.num_codebooks, dtype=torch.long)
     blocks = sum(len(seg.ids) for seg in builder.interleaved([(codes, r["caption"]) for r in longest]))
     assert blocks <= cfg.llm.max_blocks, f"{blocks} blocks > llm.max_blocks {cfg.llm.max_blocks}"
+
+
+def test_question_first_understanding_asks_each_question_with_its_own_image(text_tok):
+    import numpy as np
+
+    from kelix.llm.sequences import IMAGE
+
+    llm = toy_llm(text_tok, num_codebooks=N, codebook_size=S)
+    split = Split(_records(4), torch.randint(0, S, (4, P, N), generator=torch.Generator().manual_seed(0)))
+    mix = Mixture(SequenceBuilder(llm.vocab, text_tok, question_first=True), split, batch_size=4, seed=0,
+                  understanding=1.0, generation=0.0, questions=1)
+    asked = set()
+    for seed in range(8):
+        segs = mix.example(0, np.random.default_rng(seed))
+        images = [s for s in segs if s.kind == IMAGE]
+        assert len(images) == 1 and images[0].group == 1 and not images[0].loss  # one question, one copy
+        assert segs[0].ids[0, 0] == llm.vocab.und and segs[0].group == 0
+        asked.add(tuple(segs[1].ids[:, 0].tolist()))  # the question comes first in its group
+    assert len(asked) == 2  # either of the record's two questions, drawn per example

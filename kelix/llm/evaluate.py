@@ -56,7 +56,7 @@ def teacher_forced_losses(llm: KelixLLM, text_tok: TextTokenizer, split: Split, 
                           batch_size: int = 32, prefix: str = "val_") -> dict[str, float]:
     """Mean text loss (answers) and code loss per sub-codebook (prompt -> image) on the first records."""
     llm.eval()
-    builder = SequenceBuilder(llm.vocab, text_tok)
+    builder = SequenceBuilder.for_model(llm, text_tok)
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     end = min(limit, len(split.records))

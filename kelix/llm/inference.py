@@ -98,7 +98,7 @@ def answer_codes(llm: KelixLLM, text_tok: TextTokenizer, codes: torch.Tensor, qu
                  max_new_tokens: int = 8, use_cache: bool = True) -> list[str]:
     """Greedy answers to `questions` about images given as tokenizer codes [B, P, N]."""
     v, device = llm.vocab, llm.device
-    builder = SequenceBuilder(v, text_tok)
+    builder = SequenceBuilder.for_model(llm, text_tok)
     batch = collate([builder.understanding_prompt(c, q) for c, q in zip(codes.cpu(), questions)], v, left_pad=True)
     table = llm.embedding_table()
     lm = _LLMStepper(llm, batch.to(device), table, use_cache)
@@ -148,7 +148,7 @@ def generate_codes(llm: KelixLLM, text_tok: TextTokenizer, prompts: list[str], c
                          "model has embeddings for (llm.image_position_embed): generate at most that many")
     v, device, b, n = llm.vocab, llm.device, len(prompts), llm.vocab.num_codebooks
     guided = cfg_scale is not None
-    builder = SequenceBuilder(v, text_tok)
+    builder = SequenceBuilder.for_model(llm, text_tok)
     seqs = [builder.generation_prompt(p) for p in prompts] + [builder.generation_prompt("")] * (b if guided else 0)
     table = llm.embedding_table()
     lm = _LLMStepper(llm, collate(seqs, v, left_pad=True).to(device), table, use_cache)
@@ -189,7 +189,7 @@ def image_hidden_states(llm: KelixLLM, text_tok: TextTokenizer, prompts: list[st
     """The LLM's last hidden states at the P image blocks of `<gen> prompt <boi> codes` (teacher forcing):
     [B, P, hidden], what the DiT is conditioned on."""
     v = llm.vocab
-    builder = SequenceBuilder(v, text_tok)
+    builder = SequenceBuilder.for_model(llm, text_tok)
     batch = collate([builder.generation(p, c) for p, c in zip(prompts, codes.cpu())], v, left_pad=True).to(llm.device)
     h = llm.hidden_states(batch.blocks, batch.attention_mask, batch.position_ids, image_pos=batch.image_pos)
     return h[:, -codes.shape[1]:]

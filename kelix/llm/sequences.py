@@ -72,10 +72,19 @@ class Batch:
 
 
 class SequenceBuilder:
-    def __init__(self, vocab: Vocab, text_tok: TextTokenizer):
+    def __init__(self, vocab: Vocab, text_tok: TextTokenizer, question_first: bool = False):
         self.vocab = vocab
         self.text_tok = text_tok
+        # Understanding as `<und> question <boi> image <eoi> answer` instead of `<und> <boi> image <eoi> question
+        # answer` (llm.question_first): the image's blocks then see the question, so each can mark itself as
+        # the object a question names, and the answer needs one hop fewer through the LLM's layers.
+        self.question_first = question_first
         self._encoded: dict[str, list[int]] = {}
+
+    @classmethod
+    def for_model(cls, llm, text_tok: TextTokenizer) -> "SequenceBuilder":
+        """The sequence format `llm` was trained with."""
+        return cls(llm.vocab, text_tok, question_first=llm.cfg.question_first)
 
     def encode(self, text: str) -> list[int]:
         if text not in self._encoded:
@@ -87,8 +96,8 @@ class SequenceBuilder:
         block[:, 0] = torch.tensor(ids, dtype=torch.long)
         return Segment(block, TEXT, loss, group)
 
-    def image(self, codes: torch.Tensor, loss: bool = False) -> Segment:
-        return Segment(self.vocab.codes_to_ids(codes), IMAGE, loss)
+    def image(self, codes: torch.Tensor, loss: bool = False, group: int = 0) -> Segment:
+        return Segment(self.vocab.codes_to_ids(codes), IMAGE, loss, group)
 
     # ---- prompts (what inference feeds before decoding) ----
 
@@ -97,7 +106,14 @@ class SequenceBuilder:
         return [self.text([v.und, v.boi]), self.image(codes), self.text([v.eoi])]
 
     def understanding_prompt(self, codes: torch.Tensor, question: str) -> list[Segment]:
+        if self.question_first:
+            return [self.text([self.vocab.und])] + self._question_image(codes, question, group=0)
         return self.image_prefix(codes) + [self.text(self.encode(question))]
+
+    def _question_image(self, codes: torch.Tensor, question: str, group: int) -> list[Segment]:
+        v = self.vocab
+        return [self.text(self.encode(question) + [v.boi], group=group), self.image(codes, group=group),
+                self.text([v.eoi], group=group)]
 
     def generation_prompt(self, text: str) -> list[Segment]:
         """<gen> text <boi>; an empty text is the unconditional prompt of classifier-free guidance."""
@@ -107,10 +123,13 @@ class SequenceBuilder:
     # ---- training sequences ----
 
     def understanding(self, codes: torch.Tensor, qa: list[tuple[str, str]]) -> list[Segment]:
-        segs = self.image_prefix(codes)
+        """One image's questions, each answer seeing the image and its own question only (a group each):
+        after a shared image prefix, or (question_first) each question with its own copy of the image."""
+        segs = [self.text([self.vocab.und])] if self.question_first else self.image_prefix(codes)
         for group, (q, a) in enumerate(qa, start=1):
-            segs += [self.text(self.encode(q), group=group),
-                     self.text(self.encode(a) + [self.text_tok.eos_id], loss=True, group=group)]
+            asked = (self._question_image(codes, q, group) if self.question_first
+                     else [self.text(self.encode(q), group=group)])
+            segs += asked + [self.text(self.encode(a) + [self.text_tok.eos_id], loss=True, group=group)]
         return segs
 
     def captioning(self, codes: torch.Tensor, caption: str) -> list[Segment]:

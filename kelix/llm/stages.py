@@ -89,9 +89,10 @@ def run(ctx, stage: int) -> dict[str, float]:
     g = cfg.generation_fraction
     inter = cfg.interleaved_fraction if stage == 2 else 0.0
     cap = (1.0 - g - inter) * (cfg.caption_fraction if stage < 4 else 0.0)
-    mixture = Mixture(SequenceBuilder(llm.vocab, text_tok), train_split, tcfg.batch_size, tcfg.seed,
+    mixture = Mixture(SequenceBuilder.for_model(llm, text_tok), train_split, tcfg.batch_size, tcfg.seed,
                       understanding=1.0 - g - inter - cap, captioning=cap, generation=g, interleaved=inter,
-                      caption_dropout=cfg.caption_dropout, prompt_only=stage == 4, max_blocks=cfg.max_blocks)
+                      caption_dropout=cfg.caption_dropout, prompt_only=stage == 4, max_blocks=cfg.max_blocks,
+                      questions=cfg.questions_per_sequence)
     device = ctx.device
     # Terms normalised by the global batch's token counts: the same gradient on any number of processes.
     world = distributed.world_size()
