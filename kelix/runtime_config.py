@@ -27,8 +27,8 @@ class RuntimeConfig:
     distributed: Literal["none", "ddp", "fsdp"] = "none"
     deterministic: bool = True
     # torch.compile the LLM's repeated blocks (Qwen3 decoder layers, Block Decoder) while a stage trains: fuses
-    # the elementwise work that dominates an eager step on a GPU. Off on tiny: on 2 CPU cores the compile
-    # costs more than a short stage gains.
+    # the elementwise work that dominates an eager step on a GPU. Off in every preset until a GPU run measures it
+    # (benchmarks/gpu_checks.sh); on 2 CPU cores the compile would cost more than a tiny stage gains.
     compile: bool = False
     # Stage name -> resources; stages not listed get `default_resources`.
     default_resources: Resources = field(default_factory=Resources)
