@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         step()
     _sync(device)
     warmup_s = time.perf_counter() - t_warm  # with --compile: mostly compiling
-    _sync(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()

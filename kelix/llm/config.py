@@ -38,7 +38,7 @@ class LLMConfig:
     # Understanding sequences ask the question before the image (`<und> question <boi> image <eoi> answer`,
     # SequenceBuilder), so the image's blocks can see which objects a question names; each question then
     # carries its own copy of the image, and a training sequence holds at most `questions_per_sequence` of a
-    # record's questions (0 = all).
+    # record's questions (0 = all: on tiny, 4-5 questions with their copies run past max_blocks and are cut).
     question_first: bool = False
     questions_per_sequence: int = 0
     # Share of generation examples whose caption is dropped, for classifier-free guidance.
