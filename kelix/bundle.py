@@ -261,14 +261,14 @@ class KelixBundle:
     def generate(self, prompts: Sequence[str], seed: int = 0, steps: int | None = None,
                  guidance_scale: float | None = None, cfg_scale: float | None = None) -> list[Image.Image]:
         """Images for prompts: NBP codes from the LLM, then the DiT on its hidden states. Same prompts and
-        seed, same images."""
+        seed, same images. Unset settings come from the model's `eval` config."""
         from kelix.dit.pipeline import generate_images
 
-        kwargs = {"seed": seed, "steps": steps or self.cfg.eval.sample_steps,
-                  "guidance_scale": self.cfg.eval.guidance_scale if guidance_scale is None else guidance_scale}
-        if cfg_scale is not None:
-            kwargs["cfg_scale"] = cfg_scale
-        return generate_images(self.llm, self.text_tok, self.dit, list(prompts), **kwargs)
+        ecfg = self.cfg.eval
+        return generate_images(self.llm, self.text_tok, self.dit, list(prompts), seed=seed,
+                               steps=steps or ecfg.sample_steps, temperature=ecfg.temperature,
+                               guidance_scale=ecfg.guidance_scale if guidance_scale is None else guidance_scale,
+                               cfg_scale=ecfg.cfg_scale if cfg_scale is None else cfg_scale)
 
     @torch.inference_mode()
     def reconstruct(self, images: Sequence, seed: int = 0, steps: int | None = None) -> list[Image.Image]:
