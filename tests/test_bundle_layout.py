@@ -44,6 +44,23 @@ def test_init_bundle_loads_and_runs(bundle_dir):
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
+def test_generation_settings_default_to_the_models_eval_config(bundle_dir, monkeypatch):
+    import dataclasses
+
+    import kelix.dit.pipeline
+
+    bundle = KelixBundle.load(bundle_dir, device="cpu")
+    bundle.cfg = dataclasses.replace(bundle.cfg, eval=dataclasses.replace(
+        bundle.cfg.eval, cfg_scale=6.0, temperature=0.5, guidance_scale=4.0, sample_steps=3))
+    seen = []
+    monkeypatch.setattr(kelix.dit.pipeline, "generate_images", lambda *a, **kw: seen.append(kw) or [])
+    bundle.generate(["a red circle"], seed=7)
+    bundle.generate(["a red circle"], steps=5, guidance_scale=1.0, cfg_scale=2.0)
+    assert {k: seen[0][k] for k in ("seed", "steps", "cfg_scale", "temperature", "guidance_scale")} == \
+        {"seed": 7, "steps": 3, "cfg_scale": 6.0, "temperature": 0.5, "guidance_scale": 4.0}
+    assert (seen[1]["steps"], seen[1]["guidance_scale"], seen[1]["cfg_scale"]) == (5, 1.0, 2.0)
+
+
 def test_assemble_from_stage_outputs(bundle_dir, tmp_path):
     stages = {}
     for part, stage in PART_STAGES.items():
