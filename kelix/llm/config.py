@@ -59,8 +59,8 @@ class LLMConfig:
     # initialised (frozen) Qwen3 there is little to align; its job here is to start the Block Decoder, LM head and
     # visual projection before stage 2. Stage 2 gets the rest of the budget: a tiny reader learns slowly (spatial
     # relations after ~1,700 steps from perfect codes; docs/benchmarks.md). In 4 length buckets a step takes
-    # 0.28-0.31 s: with 1,500 steps the four stages took 9.0 minutes in the twelfth session's demo. At 1,500
-    # steps 1e-3 and 2e-3 reach the same test VQA (0.78); 1e-3 also gave 0.81 in the tenth, so stage 2 runs at it.
+    # 0.28-0.31 s: with 1,500 steps the four stages took 9.0 minutes in the twelfth session's demo. 1e-3 at 1,500
+    # steps reaches the test VQA of 2e-3 at 1,700 (0.78), and gave 0.81 in the tenth session, so stage 2 runs at it.
     train1: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=50, batch_size=32, lr=1e-3))
     train2: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=1500, batch_size=32, lr=1e-3))
     train3: TrainConfig = field(default_factory=lambda: TrainConfig(num_steps=100, batch_size=32, lr=3e-4, warmup_steps=0))
