@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ref = val_images.float() / 255
     agree, summary = compare_objects(ref, to_tensor(out, ref.shape[-1]))
     print(summary)
-    held = {tuple(c.split()) for c in cfg.data.holdout_combinations}
-    with_held = [any((o["colour"], o["shape"]) in held for o in r["objects"]) for r in val_records[:len(agree)]]
+    # The generator's own flag: the dataset's held-out pairs, whatever this run's config names.
+    with_held = [bool(r.get("holdout")) for r in val_records[:len(agree)]]
     for flag, name in ((True, "images with a held-out colour-shape pair"), (False, "images of seen pairs only")):
         part = [a for a, h in zip(agree, with_held) if h == flag]
         if part:
