@@ -109,12 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finished {name}: test VQA {row['vqa_accuracy']:.3f}", flush=True)
 
     kinds = sorted({k[len("vqa_accuracy_"):] for r in rows for k in r if k.startswith("vqa_accuracy_")})
-    head = ["variant", "val VQA", "test VQA", *kinds, "seen / held-out pairs", "test text loss", "test code loss", "LLM train s"]
+    head = ["variant", "val VQA", "test VQA", *kinds, "spatial axis", "seen / held-out pairs", "test text loss", "test code loss", "LLM train s"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         cells = [r["variant"], f"{r['val_vqa']:.3f}", f"{r['vqa_accuracy']:.3f}",
                  *(f"{r.get('vqa_accuracy_' + k, float('nan')):.3f}" for k in kinds),
+                 f"{r.get('vqa_spatial_axis_accuracy', float('nan')):.3f}",
                  f"{r.get('vqa_seen_accuracy', float('nan')):.3f} / {r.get('vqa_holdout_accuracy', float('nan')):.3f}",
                  f"{r.get('test_text_loss', float('nan')):.3f}", f"{r.get('test_code_loss', float('nan')):.3f}",
                  f"{r['llm_train_seconds']:.0f}"]

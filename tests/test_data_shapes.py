@@ -150,3 +150,19 @@ def test_cli_generate(tmp_path, capsys):
     assert main(argv) == 2  # exists: a one-line error, not a traceback
     assert "--force" in capsys.readouterr().err
     assert main([*argv, "--force", "--set", "data.holdout_combinations=[pink blob]"]) == 2
+
+
+def test_pair_questions_ask_every_ordered_pair_as_the_data_does(small):
+    from kelix.data.shapes import pair_questions
+
+    records = _records(small)
+    asked = 0
+    for r in records:
+        pairs = {q["q"]: q for q in pair_questions(r["objects"])}
+        n = len(r["objects"])
+        assert len(pairs) == n * (n - 1)
+        for q in r["qa"]:
+            if q["type"] == "spatial":  # the record's own question is one of them, with the same answer
+                assert pairs[q["q"]] == q
+                asked += 1
+    assert asked > 200

@@ -194,3 +194,53 @@ def test_question_first_understanding_asks_each_question_with_its_own_image(text
         assert segs[0].ids[0, 0] == llm.vocab.und and segs[0].group == 0
         asked.add(tuple(segs[1].ids[:, 0].tolist()))  # the question comes first in its group
     assert len(asked) == 2  # either of the record's two questions, drawn per example
+
+
+def test_extra_spatial_questions_ask_other_pairs_and_leave_the_default_batches_alone(text_tok):
+    import numpy as np
+
+    objects = [{"colour": "red", "shape": "circle", "x": 0.2, "y": 0.5},
+               {"colour": "blue", "shape": "star", "x": 0.8, "y": 0.45},
+               {"colour": "green", "shape": "square", "x": 0.5, "y": 0.9}]
+    record = {**_records(1)[0], "objects": objects}
+    record["qa"] = record["qa"] + [{"q": "Where is the red circle relative to the blue star?", "a": "left",
+                                    "type": "spatial"}]
+    codes = torch.zeros(1, P, N, dtype=torch.long)
+    llm = toy_llm(text_tok, num_codebooks=N, codebook_size=S)
+
+    def mixture(extra):
+        return Mixture(SequenceBuilder(llm.vocab, text_tok), Split([record], codes), batch_size=1, seed=0,
+                       understanding=1.0, generation=0.0, extra_spatial=extra)
+
+    qa = [(x["q"], x["a"]) for x in record["qa"]]
+    extra = mixture(3).spatial(record, qa, np.random.default_rng(0))
+    assert len(extra) == 3 and not {q for q, _ in extra} & {q for q, _ in qa}
+    want = {"Where is the blue star relative to the red circle?": "right",
+            "Where is the green square relative to the red circle?": "below",
+            "Where is the red circle relative to the green square?": "above",
+            "Where is the blue star relative to the green square?": "above",
+            "Where is the green square relative to the blue star?": "below"}
+    assert all(want[q] == a for q, a in extra)
+    assert len(mixture(9).spatial(record, qa, np.random.default_rng(0))) == 5  # every other ordered pair
+    assert mixture(2).spatial({**record, "objects": objects[:1]}, qa, np.random.default_rng(0)) == []
+    # The record's own questions come first, drawn as without the option; the extra ones follow.
+    plain, more = (mixture(k).example(0, np.random.default_rng(5)) for k in (0, 2))
+    assert len(more) == len(plain) + 4  # two more groups of question and answer
+    assert all(torch.equal(a.ids, b.ids) for a, b in zip(plain, more))
+
+
+def test_vqa_accuracy_scores_spatial_answers_by_axis_as_well(monkeypatch, text_tok):
+    from kelix.llm import evaluate
+
+    qa = [("Where is the red circle relative to the blue star?", "left", "spatial"),
+          ("Where is the blue star relative to the red circle?", "right", "spatial"),
+          ("Where is the green square relative to the red circle?", "below", "spatial"),
+          ("What colour is the circle?", "red", "colour")]
+    record = {"key": "r0", "qa": [{"q": q, "a": a, "type": t} for q, a, t in qa]}
+    split = Split([record], torch.zeros(1, P, N, dtype=torch.long))
+    said = ["Right.", "right", "left", "red"]  # wrong order, right, wrong axis, right
+    monkeypatch.setattr(evaluate, "answer_codes", lambda llm, tok, codes, questions: said[: len(questions)])
+    out = evaluate.vqa_accuracy(torch.nn.Identity(), text_tok, split)
+    assert out["vqa_accuracy_spatial"] == pytest.approx(1 / 3)
+    assert out["vqa_spatial_axis_accuracy"] == pytest.approx(2 / 3)
+    assert out["vqa_accuracy"] == 0.5 and out["vqa_accuracy_colour"] == 1.0

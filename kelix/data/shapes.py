@@ -12,6 +12,7 @@ dominant axis wins by a margin), so captions, answers and detection are all well
 """
 from __future__ import annotations
 
+import itertools
 import math
 import multiprocessing as mp
 import os
@@ -123,12 +124,16 @@ class ShapesSettings:
             raise ValueError(f"holdout_fraction must be in [0, 1], got {self.holdout_fraction}")
 
 
-def _relation(a: dict, b: dict) -> str:
-    """Where a is relative to b, on the dominant axis (y grows downwards)."""
-    dx, dy = a["cx"] - b["cx"], a["cy"] - b["cy"]
+def _axis_relation(dx: float, dy: float) -> str:
+    """The relation of an offset (dx, dy) on its dominant axis (y grows downwards)."""
     if abs(dx) >= abs(dy):
         return "left of" if dx < 0 else "right of"
     return "above" if dy < 0 else "below"
+
+
+def _relation(a: dict, b: dict) -> str:
+    """Where scene object a is relative to b."""
+    return _axis_relation(a["cx"] - b["cx"], a["cy"] - b["cy"])
 
 
 def _fits(objs: list[dict], cx: float, cy: float, r: float, size: int) -> bool:
@@ -240,6 +245,19 @@ def _name(o: dict) -> str:
     return f"{o['colour']} {o['shape']}"
 
 
+def _spatial_qa(a: dict, b: dict, relation: str) -> dict:
+    return {"q": f"Where is the {_name(a)} relative to the {_name(b)}?", "a": relation.replace(" of", ""),
+            "type": "spatial"}
+
+
+def pair_questions(objects: list[dict]) -> list[dict]:
+    """The spatial question of every ordered pair of a manifest record's objects, worded and answered as
+    `describe` does, from the objects' box centres (x, y): they give the same answer as the scene's shape
+    centres for every generated pair, since the axis margin is wider than a box centre's offset."""
+    return [_spatial_qa(a, b, _axis_relation(a["x"] - b["x"], a["y"] - b["y"]))
+            for a, b in itertools.permutations(objects, 2)]
+
+
 def _count_word(n: int) -> str:
     return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
 
@@ -262,8 +280,7 @@ def describe(objs: list[dict], rng: random.Random, held: set, restrict: bool) ->
     qa.append({"q": "How many objects are there?", "a": _count_word(n), "type": "count"})
     if n >= 2:
         a, b = rng.sample(objs, 2)
-        rel = _relation(a, b).replace(" of", "")
-        qa.append({"q": f"Where is the {_name(a)} relative to the {_name(b)}?", "a": rel, "type": "spatial"})
+        qa.append(_spatial_qa(a, b, _relation(a, b)))
     present = {(o["colour"], o["shape"]) for o in objs}
     if rng.random() < 0.5:
         o = rng.choice(objs)

@@ -41,6 +41,9 @@ class LLMConfig:
     # record's questions (0 = all: on tiny, 4-5 questions with their copies run past max_blocks and are cut).
     question_first: bool = False
     questions_per_sequence: int = 0
+    # Extra spatial questions per understanding sequence, on other ordered pairs of the record's objects (from the
+    # manifest's object centres; records without objects get none). The shapes data asks one per image.
+    extra_spatial_questions: int = 0
     # Share of generation examples whose caption is dropped, for classifier-free guidance.
     caption_dropout: float = 0.1
     # Share of generation sequences in every stage; the rest is understanding (and interleaved in stage 2).

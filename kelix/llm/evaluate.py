@@ -18,6 +18,11 @@ def normalise(text: str) -> str:
     return text.strip().strip(".").lower()
 
 
+# A spatial answer names an axis and an order on it; the axis is a property of the scene, the order needs the
+# named objects found, so the share on the right axis tells which of the two a model has not learned.
+AXIS = {"left": "horizontal", "right": "horizontal", "above": "vertical", "below": "vertical"}
+
+
 def questions(split: Split, limit: int) -> list[tuple[int, str, str, str]]:
     """(record index, question, answer, type) for the first `limit` questions of the split."""
     out = [(i, qa["q"], qa["a"], qa.get("type", "other")) for i, rec in enumerate(split.records) for qa in rec.get("qa", [])]
@@ -29,11 +34,12 @@ def vqa_accuracy(llm: KelixLLM, text_tok: TextTokenizer, split: Split, limit: in
                  batch_size: int = 64) -> dict[str, float]:
     """`vqa_accuracy` overall and `vqa_accuracy_<type>` per question type; on a split with records of held-out
     colour-shape pairs (test), also `vqa_holdout_accuracy` on those records' questions and `vqa_seen_accuracy`
-    on the others."""
+    on the others; with spatial questions, `vqa_spatial_axis_accuracy`: answers on the right axis (AXIS)."""
     llm.eval()
     items = questions(split, limit)
     right: dict[str, list[bool]] = defaultdict(list)
     pairs: dict[bool, list[bool]] = {True: [], False: []}  # by whether the record shows a held-out pair
+    axes: list[bool] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start: start + batch_size]
         codes = split.codes[[i for i, *_ in chunk]]
@@ -41,10 +47,14 @@ def vqa_accuracy(llm: KelixLLM, text_tok: TextTokenizer, split: Split, limit: in
         for (i, _, a, kind), pred in zip(chunk, preds):
             ok = normalise(pred) == normalise(a)
             right[kind].append(ok)
+            if kind == "spatial":
+                axes.append(AXIS.get(normalise(pred)) == AXIS.get(normalise(a)))
             right["all"].append(ok)
             pairs[bool(split.records[i].get("holdout"))].append(ok)
     out = {"vqa_accuracy": sum(right.pop("all", [])) / max(1, len(items))}
     out.update({f"vqa_accuracy_{k}": sum(v) / len(v) for k, v in sorted(right.items())})
+    if axes:
+        out["vqa_spatial_axis_accuracy"] = sum(axes) / len(axes)
     if pairs[True]:
         out.update({f"vqa_{name}_accuracy": sum(pairs[h]) / len(pairs[h])
                     for name, h in (("holdout", True), ("seen", False)) if pairs[h]})
