@@ -196,7 +196,7 @@ def test_question_first_understanding_asks_each_question_with_its_own_image(text
     assert len(asked) == 2  # either of the record's two questions, drawn per example
 
 
-def test_extra_spatial_questions_ask_other_pairs_and_leave_the_default_batches_alone(text_tok):
+def test_extra_questions_ask_about_other_pairs_and_objects_after_the_records_own(text_tok):
     import numpy as np
 
     objects = [{"colour": "red", "shape": "circle", "x": 0.2, "y": 0.5},
@@ -213,7 +213,7 @@ def test_extra_spatial_questions_ask_other_pairs_and_leave_the_default_batches_a
                        understanding=1.0, generation=0.0, extra_spatial=extra)
 
     qa = [(x["q"], x["a"]) for x in record["qa"]]
-    extra = mixture(3).spatial(record, qa, np.random.default_rng(0))
+    extra = mixture(3).extra_questions(record, qa, np.random.default_rng(0))
     assert len(extra) == 3 and not {q for q, _ in extra} & {q for q, _ in qa}
     want = {"Where is the blue star relative to the red circle?": "right",
             "Where is the green square relative to the red circle?": "below",
@@ -221,8 +221,14 @@ def test_extra_spatial_questions_ask_other_pairs_and_leave_the_default_batches_a
             "Where is the blue star relative to the green square?": "above",
             "Where is the green square relative to the blue star?": "below"}
     assert all(want[q] == a for q, a in extra)
-    assert len(mixture(9).spatial(record, qa, np.random.default_rng(0))) == 5  # every other ordered pair
-    assert mixture(2).spatial({**record, "objects": objects[:1]}, qa, np.random.default_rng(0)) == []
+    assert len(mixture(9).extra_questions(record, qa, np.random.default_rng(0))) == 5  # every other ordered pair
+    assert mixture(2).extra_questions({**record, "objects": objects[:1]}, qa, np.random.default_rng(0)) == []
+    # Colour and shape questions: the record asks the circle's colour already, so 5 of the 6 remain.
+    attrs = Mixture(SequenceBuilder(llm.vocab, text_tok), Split([record], codes), batch_size=1, seed=0,
+                    understanding=1.0, generation=0.0, extra_attributes=9).extra_questions(record, qa, np.random.default_rng(0))
+    assert sorted(attrs) == sorted([("What colour is the star?", "blue"), ("What colour is the square?", "green"),
+                                    ("What shape is the red object?", "circle"), ("What shape is the blue object?", "star"),
+                                    ("What shape is the green object?", "square")])
     # The record's own questions come first, drawn as without the option; the extra ones follow.
     plain, more = (mixture(k).example(0, np.random.default_rng(5)) for k in (0, 2))
     assert len(more) == len(plain) + 4  # two more groups of question and answer

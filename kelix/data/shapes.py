@@ -245,6 +245,19 @@ def _name(o: dict) -> str:
     return f"{o['colour']} {o['shape']}"
 
 
+def _colour_qa(o: dict) -> dict:
+    return {"q": f"What colour is the {o['shape']}?", "a": o["colour"], "type": "colour"}
+
+
+def _shape_qa(o: dict) -> dict:
+    return {"q": f"What shape is the {o['colour']} object?", "a": o["shape"], "type": "shape"}
+
+
+def attribute_questions(objects: list[dict]) -> list[dict]:
+    """The colour and the shape question of each of a record's objects, as `describe` words them."""
+    return [qa for o in objects for qa in (_colour_qa(o), _shape_qa(o))]
+
+
 def _spatial_qa(a: dict, b: dict, relation: str) -> dict:
     return {"q": f"Where is the {_name(a)} relative to the {_name(b)}?", "a": relation.replace(" of", ""),
             "type": "spatial"}
@@ -274,9 +287,8 @@ def describe(objs: list[dict], rng: random.Random, held: set, restrict: bool) ->
 
     qa = []
     o = rng.choice(objs)
-    qa.append({"q": f"What colour is the {o['shape']}?", "a": o["colour"], "type": "colour"})
-    o = rng.choice(objs)
-    qa.append({"q": f"What shape is the {o['colour']} object?", "a": o["shape"], "type": "shape"})
+    qa.append(_colour_qa(o))
+    qa.append(_shape_qa(rng.choice(objs)))
     qa.append({"q": "How many objects are there?", "a": _count_word(n), "type": "count"})
     if n >= 2:
         a, b = rng.sample(objs, 2)

@@ -44,6 +44,8 @@ class LLMConfig:
     # Extra spatial questions per understanding sequence, on other ordered pairs of the record's objects (from the
     # manifest's object centres; records without objects get none). The shapes data asks one per image.
     extra_spatial_questions: int = 0
+    # Likewise, extra colour and shape questions about the record's other objects.
+    extra_attribute_questions: int = 0
     # Share of generation examples whose caption is dropped, for classifier-free guidance.
     caption_dropout: float = 0.1
     # Share of generation sequences in every stage; the rest is understanding (and interleaved in stage 2).

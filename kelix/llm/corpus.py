@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kelix.data.reader import iter_records, load_images
-from kelix.data.shapes import pair_questions
+from kelix.data.shapes import attribute_questions, pair_questions
 from kelix.files import file_sha256, replace_atomically
 from kelix.llm.sequences import Batch, SequenceBuilder, collate
 from kelix.train.sampler import StepSampler
@@ -115,6 +115,8 @@ class Mixture:
     questions: int = 0
     # Spatial questions about other ordered pairs of the record's objects added to each understanding sequence.
     extra_spatial: int = 0
+    # Colour and shape questions about other objects of the record, likewise.
+    extra_attributes: int = 0
 
     def __post_init__(self):
         self.sampler = StepSampler(len(self.split.records), self.batch_size, self.seed)
@@ -131,7 +133,7 @@ class Mixture:
         if task == 0:
             qa = [(x["q"], x["a"]) for x in rec["qa"]]
             order = rng.permutation(len(qa))[: self.questions or None]
-            return self.builder.understanding(codes, [qa[i] for i in order] + self.spatial(rec, qa, rng))
+            return self.builder.understanding(codes, [qa[i] for i in order] + self.extra_questions(rec, qa, rng))
         if task == 2:
             j = int(rng.integers(len(self.split.records)))
             return self.builder.interleaved([(codes, rec["caption"]), (self.split.codes[j], self.split.records[j]["caption"])])
@@ -141,14 +143,18 @@ class Mixture:
             text = ""
         return self.builder.generation(text, codes)
 
-    def spatial(self, rec: dict, qa: list[tuple[str, str]], rng: np.random.Generator) -> list[tuple[str, str]]:
-        """Up to `extra_spatial` questions on pairs the record's own questions do not ask about. The data has one
-        spatial question per image, and the relation is the question type a tiny LLM learns last."""
-        if not self.extra_spatial or len(rec.get("objects", ())) < 2:
-            return []
+    def extra_questions(self, rec: dict, qa: list[tuple[str, str]], rng: np.random.Generator) -> list[tuple[str, str]]:
+        """Up to `extra_spatial` questions on pairs of the record's objects and `extra_attributes` on their colours
+        and shapes, none that the record's own questions ask. The data asks one question of each kind per image,
+        and the relation is the kind a tiny LLM learns last."""
+        objects = rec.get("objects") or []
         asked = {q for q, _ in qa}
-        pairs = [(x["q"], x["a"]) for x in pair_questions(rec["objects"]) if x["q"] not in asked]
-        return [pairs[i] for i in rng.permutation(len(pairs))[: self.extra_spatial]]
+        out = []
+        for count, make in ((self.extra_spatial, pair_questions), (self.extra_attributes, attribute_questions)):
+            if count and objects:
+                pool = [(x["q"], x["a"]) for x in make(objects) if x["q"] not in asked]
+                out += [pool[i] for i in rng.permutation(len(pool))[:count]]
+        return out
 
     def __call__(self, step: int) -> Batch:
         # One generator per slot of the global batch: an example is built the same on any number of processes.
