@@ -250,3 +250,44 @@ def test_vqa_accuracy_scores_spatial_answers_by_axis_as_well(monkeypatch, text_t
     assert out["vqa_accuracy_spatial"] == pytest.approx(1 / 3)
     assert out["vqa_spatial_axis_accuracy"] == pytest.approx(2 / 3)
     assert out["vqa_accuracy"] == 0.5 and out["vqa_accuracy_colour"] == 1.0
+
+
+def test_answer_prior_takes_what_the_question_predicts_and_inference_never_reads_it(text_tok, tmp_path):
+    from kelix.llm.answer_prior import question_bags
+    from kelix.llm.inference import answer_codes
+    from kelix.llm.sequences import TEXT, collate
+
+    torch.manual_seed(0)
+    plain = toy_llm(text_tok, num_codebooks=N, codebook_size=S, seed=0)
+    llm = toy_llm(text_tok, LLMConfig(answer_prior=True), num_codebooks=N, codebook_size=S, seed=0)
+    assert llm.answer_prior is not None and plain.answer_prior is None
+    assert set(set_trainable(llm, 1)) >= set(llm.answer_prior.parameters())
+    builder = SequenceBuilder(llm.vocab, text_tok)
+    codes = torch.randint(0, S, (P, N), generator=torch.Generator().manual_seed(1))
+    batch = collate([builder.understanding(codes, [("What colour is the star?", "blue"), ("How many?", "one")]),
+                     builder.generation("a blue star", codes)], llm.vocab)
+
+    # Each answer token's bag is its own group's text so far: question and earlier answer tokens, no image.
+    text_at = (batch.kinds == TEXT).nonzero(as_tuple=True)
+    inside = batch.groups[text_at] > 0
+    rows, cols = text_at[0][inside], text_at[1][inside]
+    tokens, mask = question_bags(batch.blocks, batch.groups, batch.image_pos, batch.attention_mask, rows, cols)
+    for r, c, m in zip(rows, cols, mask):
+        held = m.nonzero().squeeze(1)
+        assert (batch.groups[r, held] == batch.groups[r, c]).all() and (batch.image_pos[r, held] < 0).all()
+        assert int(held.max()) == int(c)
+    assert len(torch.unique(batch.groups[rows, cols])) == 2
+
+    # The prior trains on its own loss; the product changes the LLM's answer gradient, not its text metric.
+    loss, metrics = nbp_loss(llm, batch)
+    loss_plain, metrics_plain = nbp_loss(plain, batch)
+    assert float(metrics["text_loss"]) == pytest.approx(float(metrics_plain["text_loss"]), abs=1e-6)
+    assert "answer_prior_loss" in metrics and float(loss.detach()) != pytest.approx(float(loss_plain.detach()))
+    loss.backward()
+    assert llm.answer_prior.out.weight.grad.abs().sum() > 0
+
+    # Saved and loaded with the model; answering reads the LLM only (the same answers as without the prior).
+    again = type(llm).from_pretrained(llm.save_pretrained(tmp_path / "m"))
+    assert torch.equal(again.answer_prior.out.weight, llm.answer_prior.out.weight)
+    ask = ["What colour is the star?"]
+    assert answer_codes(llm.eval(), text_tok, codes[None], ask) == answer_codes(plain.eval(), text_tok, codes[None], ask)

@@ -42,10 +42,17 @@ class LLMConfig:
     question_first: bool = False
     questions_per_sequence: int = 0
     # Extra spatial questions per understanding sequence, on other ordered pairs of the record's objects (from the
-    # manifest's object centres; records without objects get none). The shapes data asks one per image.
-    extra_spatial_questions: int = 0
-    # Likewise, extra colour and shape questions about the record's other objects.
-    extra_attribute_questions: int = 0
+    # manifest's object centres; records without objects, like imported data, get none). The shapes data asks
+    # one per image, and a tiny LLM answered relations near chance (0.37-0.45) on that; 5 is every other pair of
+    # a 3-object scene (docs/benchmarks.md, "Asking about every pair").
+    extra_spatial_questions: int = 5
+    # Likewise colour and shape questions about the record's other objects: with the spatial ones alone, colour
+    # answers lost the share of the gradient they need (test colour 0.61 in one run).
+    extra_attribute_questions: int = 5
+    # Train answers as a product of experts with a question-only prior (answer_prior.py), so the LLM does not
+    # learn what the question's words alone predict (that red objects are never triangles, in train). Off: the
+    # LLM alone then no longer knows which kind of answer a question wants (test VQA 0.50-0.59; docs).
+    answer_prior: bool = False
     # Share of generation examples whose caption is dropped, for classifier-free guidance.
     caption_dropout: float = 0.1
     # Share of generation sequences in every stage; the rest is understanding (and interleaved in stage 2).

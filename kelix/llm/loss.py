@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kelix.llm.answer_prior import product_of_experts, question_bags
 from kelix.llm.model import KelixLLM
 from kelix.llm.sequences import IMAGE, TEXT, Batch
 
@@ -38,6 +39,9 @@ def nbp_loss(llm: KelixLLM, batch: Batch, global_counts: Callable[[torch.Tensor]
     text_at = (batch.kinds == TEXT).nonzero(as_tuple=True)
     image_at = (batch.kinds == IMAGE).nonzero(as_tuple=True)
     n_text, n_image = len(text_at[0]), len(image_at[0])
+    # Answers inside question groups, scored as a product with the question-only prior (answer_prior.py).
+    prior = llm.answer_prior
+    answers = (batch.groups[text_at] > 0).nonzero(as_tuple=True)[0] if prior is not None else None
     local = torch.tensor([n_text, n_image], dtype=torch.float64)
     counts = global_counts(local) if global_counts is not None else local
     # Sum over this rank's tokens / tokens in the global batch * world size (= the local mean on one process).
@@ -58,8 +62,19 @@ def nbp_loss(llm: KelixLLM, batch: Batch, global_counts: Callable[[torch.Tensor]
         # A text slot holds a text id or a special (<boi>, <eoi>, ...), never a code.
         logits[:, v.visual_start: v.special_start] = float("-inf")
         token_loss = F.cross_entropy(logits, tgt[:, 0], reduction="none")
+        metrics["text_loss"] = token_loss.detach().mean()  # the LLM's own, as inference uses it
+        if answers is not None and len(answers):
+            rows, cols = text_at[0][answers], text_at[1][answers]
+            prior_logits = prior(*question_bags(batch.blocks, batch.groups, batch.image_pos, batch.attention_mask,
+                                                rows, cols))
+            prior_logits[:, v.visual_start: v.special_start] = float("-inf")
+            want = tgt[answers, 0]
+            prior_loss = F.cross_entropy(prior_logits, want, reduction="none")
+            token_loss = token_loss.index_put((answers,), F.cross_entropy(
+                product_of_experts(logits[answers], prior_logits), want, reduction="none"))
+            terms.append(prior_loss.sum() * scale[0])
+            metrics["answer_prior_loss"] = prior_loss.detach().mean()
         terms.append(token_loss.sum() * scale[0])
-        metrics["text_loss"] = token_loss.detach().mean()
         metrics["text_acc"] = (logits.detach().argmax(-1) == tgt[:, 0]).float().mean()
         eob_logits.append(out[:, 1])
 

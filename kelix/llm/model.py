@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from kelix.llm.answer_prior import AnswerPrior
 from kelix.llm.block_decoder import build_block_decoder
 from kelix.llm.block_encoder import BlockEncoder
 from kelix.llm.config import LLMConfig
@@ -89,6 +90,8 @@ class KelixLLM(nn.Module):
         self.block_decoder = build_block_decoder(
             cfg.block_decoder, hidden, cfg.bd_hidden_size, cfg.bd_num_layers, cfg.bd_num_heads,
             cfg.bd_intermediate_size, block_len=num_codebooks + 1)
+        # Training only (answer_prior.py): inference never reads it.
+        self.answer_prior = AnswerPrior(self.vocab.size) if cfg.answer_prior else None
 
     # ---- construction and persistence ----
 

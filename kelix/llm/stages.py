@@ -37,8 +37,9 @@ def set_trainable(llm: KelixLLM, stage: int) -> list[nn.Parameter]:
             raise ValueError("stage 1 trains the visual projection, but this model's visual rows are already folded")
         llm.requires_grad_(False)
         # The block encoder holds the visual projection (and the image position embedding, also new).
-        for part in (llm.block_decoder, llm.lm.lm_head, llm.block_encoder):
-            part.requires_grad_(True)
+        for part in (llm.block_decoder, llm.lm.lm_head, llm.block_encoder, llm.answer_prior):
+            if part is not None:
+                part.requires_grad_(True)
     else:
         llm.requires_grad_(True)
     return [p for p in llm.parameters() if p.requires_grad]
