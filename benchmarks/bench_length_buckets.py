@@ -1,11 +1,13 @@
-"""Stage-2 LLM step time with the batch run as length buckets (`llm.length_buckets`) against one padded piece.
+"""Stage-2 LLM step time with the batch run as length buckets (`llm.length_buckets`) against one padded piece,
+and with the extra questions of `llm.extra_spatial_questions` / `extra_attribute_questions` (`--extra-questions`).
 
 One tiny LLM (the preset's shapes, random init) trains on stage 2's mixture of the dataset's records with random
 codes (sequence lengths, which are what padding costs, do not depend on the code values). The settings run
 alternately in rounds of `--steps` steps so drift on a shared machine hits them alike; each reports the median
 step time over its rounds and the loss of the first step (the same batch, so the same loss).
 
-    .venv/bin/python benchmarks/bench_length_buckets.py --data data/shapes --steps 20 --rounds 3
+    .venv/bin/python benchmarks/bench_length_buckets.py --data data/shapes --steps 20 --rounds 3 --extra-questions 0
+    .venv/bin/python benchmarks/bench_length_buckets.py --data data/shapes --buckets 4 --extra-questions 0,5
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buckets", default="1,2,4", help="comma-separated settings to compare")
     parser.add_argument("--steps", type=int, default=20, help="steps per setting per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--extra-questions", default="5",
+                        help="comma-separated counts of extra spatial and of extra attribute questions to compare")
     parser.add_argument("--records", type=int, default=2000, help="training records to draw batches from")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -55,32 +59,35 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(llm.parameters(), lr=1e-4)
     inter = lcfg.interleaved_fraction
     cap = (1.0 - lcfg.generation_fraction - inter) * lcfg.caption_fraction
-    mixture = Mixture(SequenceBuilder(llm.vocab, text_tok), split, lcfg.train2.batch_size, 0,
-                      understanding=1.0 - lcfg.generation_fraction - inter - cap, captioning=cap,
-                      generation=lcfg.generation_fraction, interleaved=inter, max_blocks=lcfg.max_blocks)
-    settings = [int(b) for b in args.buckets.split(",")]
-    times: dict[int, list[float]] = {b: [] for b in settings}
+    mixtures = {k: Mixture(SequenceBuilder(llm.vocab, text_tok), split, lcfg.train2.batch_size, 0,
+                           understanding=1.0 - lcfg.generation_fraction - inter - cap, captioning=cap,
+                           generation=lcfg.generation_fraction, interleaved=inter, max_blocks=lcfg.max_blocks,
+                           extra_spatial=k, extra_attributes=k)
+                for k in (int(x) for x in args.extra_questions.split(","))}
+    settings = [(b, k) for k in mixtures for b in (int(x) for x in args.buckets.split(","))]
+    times: dict[tuple[int, int], list[float]] = {x: [] for x in settings}
     with torch.no_grad():
-        first_loss = {b: float(bucketed_nbp_loss(llm, mixture(0), b)[0]) for b in settings}
-    real = sum(int(mixture(i).attention_mask.sum()) for i in range(args.steps))
-    padded = {b: sum(sum(x.attention_mask.numel() for x in mixture(i).buckets(b)) for i in range(args.steps))
-              for b in settings}
+        first_loss = {(b, k): float(bucketed_nbp_loss(llm, mixtures[k](0), b)[0]) for b, k in settings}
+    real = {k: sum(int(m(i).attention_mask.sum()) for i in range(args.steps)) for k, m in mixtures.items()}
+    padded = {(b, k): sum(sum(x.attention_mask.numel() for x in mixtures[k](i).buckets(b)) for i in range(args.steps))
+              for b, k in settings}
     for _ in range(args.rounds):
-        for b in settings:
+        for b, k in settings:
             t0 = time.perf_counter()
             for i in range(args.steps):
-                loss, _ = bucketed_nbp_loss(llm, mixture(i), b)
+                loss, _ = bucketed_nbp_loss(llm, mixtures[k](i), b)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            times[b].append((time.perf_counter() - t0) / args.steps)
+            times[(b, k)].append((time.perf_counter() - t0) / args.steps)
     base = statistics.median(times[settings[0]])
-    print(f"| length_buckets | s / step (median of {args.rounds} rounds of {args.steps}) | vs {settings[0]} | "
-          "padded / real blocks | first-step loss |")
-    print("|---:|---:|---:|---:|---:|")
-    for b in settings:
-        t = statistics.median(times[b])
-        print(f"| {b} | {t:.3f} | {base / t:.2f}x | {padded[b] / real:.2f} | {first_loss[b]:.5f} |")
+    print(f"| length_buckets | extra questions | s / step (median of {args.rounds} rounds of {args.steps}) | "
+          f"vs the first | real blocks / step | padded / real blocks | first-step loss |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for b, k in settings:
+        t = statistics.median(times[(b, k)])
+        print(f"| {b} | {k} | {t:.3f} | {base / t:.2f}x | {real[k] / args.steps:.0f} | {padded[(b, k)] / real[k]:.2f} | "
+              f"{first_loss[(b, k)]:.5f} |")
     return 0
 
 
