@@ -23,8 +23,8 @@ import torch  # noqa: E402
 
 from kelix.data.shapes import parse_combination  # noqa: E402
 from kelix.llm.corpus import Split, encode_split  # noqa: E402
-from kelix.llm.evaluate import normalise, questions  # noqa: E402
-from kelix.llm.inference import _LLMStepper, answer_codes  # noqa: E402
+from kelix.llm.evaluate import normalise, predict, questions  # noqa: E402
+from kelix.llm.inference import _LLMStepper  # noqa: E402
 from kelix.llm.model import KelixLLM  # noqa: E402
 from kelix.llm.sequences import SequenceBuilder, collate  # noqa: E402
 from kelix.text import TextTokenizer  # noqa: E402
@@ -80,10 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     for folder in map(Path, args.llm):
         llm = KelixLLM.from_pretrained(folder / "model").eval()
         text_tok = TextTokenizer.load(folder)
-        said = []
-        for start in range(0, len(items), 64):
-            chunk = items[start:start + 64]
-            said += answer_codes(llm, text_tok, test.codes[[i for i, *_ in chunk]], [q for _, q, _, _ in chunk])
+        said = predict(llm, text_tok, test, items)
         right: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
         for (i, q, a, kind), s in zip(items, said):
             right[group_of(test.records[i], q, kind, held)][kind].append(normalise(s) == normalise(a))

@@ -30,6 +30,9 @@ from kelix.eval.samples import generation_prompts  # noqa: E402
 from kelix.llm.inference import generate_codes  # noqa: E402
 
 CATEGORIES = ("single_object", "two_object", "counting", "colours", "position", "colour_attr")
+# Prompts per batch for both drawers: generate_images seeds a batch's codes with seed + its start, so the AE-DiT
+# rows see the same codes only with the same batches.
+BATCH = 32
 
 
 def floats(text: str) -> list[float]:
@@ -38,7 +41,7 @@ def floats(text: str) -> list[float]:
 
 @torch.inference_mode()
 def aedit_images(bundle, prompts: list[str], cfg: float, temp: float, top_k: int, seed: int, steps: int,
-                 batch_size: int = 32) -> list:
+                 batch_size: int = BATCH) -> list:
     """The codes `generate_images` samples (same batches, same seeds), drawn by the AE-DiT from the codes alone."""
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         report("dit-2", setting, generate_images(bundle.llm, bundle.text_tok, bundle.dit, texts, cfg_scale=cfg,
                                                  seed=args.seed, steps=args.steps, guidance_scale=guidance,
-                                                 temperature=temp, top_k=top_k), t0)
+                                                 temperature=temp, top_k=top_k, batch_size=BATCH), t0)
         if args.aedit:
             t0 = time.perf_counter()
             report("AE-DiT", setting, aedit_images(bundle, texts, cfg, temp, top_k, args.seed, args.steps), t0)

@@ -30,6 +30,17 @@ def questions(split: Split, limit: int) -> list[tuple[int, str, str, str]]:
 
 
 @torch.no_grad()
+def predict(llm: KelixLLM, text_tok: TextTokenizer, split: Split, items: list[tuple[int, str, str, str]],
+            batch_size: int = 64) -> list[str]:
+    """Greedy answers to `questions(...)` items, in batches of `batch_size`."""
+    out: list[str] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start: start + batch_size]
+        out += answer_codes(llm, text_tok, split.codes[[i for i, *_ in chunk]], [q for _, q, _, _ in chunk])
+    return out
+
+
+@torch.no_grad()
 def vqa_accuracy(llm: KelixLLM, text_tok: TextTokenizer, split: Split, limit: int = 500,
                  batch_size: int = 64) -> dict[str, float]:
     """`vqa_accuracy` overall and `vqa_accuracy_<type>` per question type; on a split with records of held-out
@@ -40,17 +51,13 @@ def vqa_accuracy(llm: KelixLLM, text_tok: TextTokenizer, split: Split, limit: in
     right: dict[str, list[bool]] = defaultdict(list)
     pairs: dict[bool, list[bool]] = {True: [], False: []}  # by whether the record shows a held-out pair
     axes: list[bool] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start: start + batch_size]
-        codes = split.codes[[i for i, *_ in chunk]]
-        preds = answer_codes(llm, text_tok, codes, [q for _, q, _, _ in chunk])
-        for (i, _, a, kind), pred in zip(chunk, preds):
-            ok = normalise(pred) == normalise(a)
-            right[kind].append(ok)
-            if kind == "spatial":
-                axes.append(AXIS.get(normalise(pred)) == AXIS.get(normalise(a)))
-            right["all"].append(ok)
-            pairs[bool(split.records[i].get("holdout"))].append(ok)
+    for (i, _, a, kind), pred in zip(items, predict(llm, text_tok, split, items, batch_size)):
+        ok = normalise(pred) == normalise(a)
+        right[kind].append(ok)
+        if kind == "spatial":
+            axes.append(AXIS.get(normalise(pred)) == AXIS.get(normalise(a)))
+        right["all"].append(ok)
+        pairs[bool(split.records[i].get("holdout"))].append(ok)
     out = {"vqa_accuracy": sum(right.pop("all", [])) / max(1, len(items))}
     out.update({f"vqa_accuracy_{k}": sum(v) / len(v) for k, v in sorted(right.items())})
     if axes:
