@@ -229,6 +229,12 @@ def test_extra_questions_ask_about_other_pairs_and_objects_after_the_records_own
     assert sorted(attrs) == sorted([("What colour is the star?", "blue"), ("What colour is the square?", "green"),
                                     ("What shape is the red object?", "circle"), ("What shape is the blue object?", "star"),
                                     ("What shape is the green object?", "square")])
+    # Where each object lies, against the image's centre (a centre on the line counts as below / right).
+    where = Mixture(SequenceBuilder(llm.vocab, text_tok), Split([record], codes), batch_size=1, seed=0,
+                    understanding=1.0, generation=0.0, extra_positions=2).extra_questions(record, qa, np.random.default_rng(0))
+    assert len(where) == 2 and set(where) < {("Where is the red circle?", "below left"),
+                                             ("Where is the blue star?", "above right"),
+                                             ("Where is the green square?", "below right")}
     # The record's own questions come first, drawn as without the option; the extra ones follow.
     plain, more = (mixture(k).example(0, np.random.default_rng(5)) for k in (0, 2))
     assert len(more) == len(plain) + 4  # two more groups of question and answer

@@ -271,6 +271,14 @@ def pair_questions(objects: list[dict]) -> list[dict]:
             for a, b in itertools.permutations(objects, 2)]
 
 
+def position_questions(objects: list[dict]) -> list[dict]:
+    """Where each of a manifest record's objects lies: which side of the image's centre, vertically and
+    horizontally ("above left", ...), from its box centre. Not a question the data asks; it teaches a reader to
+    find a named object's place, the first hop of every spatial question."""
+    return [{"q": f"Where is the {_name(o)}?", "a": f"{'above' if o['y'] < 0.5 else 'below'} "
+             f"{'left' if o['x'] < 0.5 else 'right'}", "type": "position"} for o in objects]
+
+
 def _count_word(n: int) -> str:
     return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
 

@@ -49,6 +49,9 @@ class LLMConfig:
     # Likewise colour and shape questions about the record's other objects: with the spatial ones alone, colour
     # answers lost the share of the gradient they need (test colour 0.61 in one run).
     extra_attribute_questions: int = 5
+    # Likewise "Where is the red circle?" -> "above left" (which side of the image's centre): the first hop of a
+    # spatial question, on its own. The data never asks it, so it is training signal only.
+    extra_position_questions: int = 0
     # Train answers as a product of experts with a question-only prior (answer_prior.py), so the LLM does not
     # learn what the question's words alone predict (that red objects are never triangles, in train). Off: the
     # LLM alone then no longer knows which kind of answer a question wants (test VQA 0.50-0.59; docs).

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kelix.data.reader import iter_records, load_images
-from kelix.data.shapes import attribute_questions, pair_questions
+from kelix.data.shapes import attribute_questions, pair_questions, position_questions
 from kelix.files import file_sha256, replace_atomically
 from kelix.llm.sequences import Batch, SequenceBuilder, collate
 from kelix.train.sampler import StepSampler
@@ -117,6 +117,8 @@ class Mixture:
     extra_spatial: int = 0
     # Colour and shape questions about other objects of the record, likewise.
     extra_attributes: int = 0
+    # Questions on where each object lies (above/below, left/right of the centre), likewise.
+    extra_positions: int = 0
 
     def __post_init__(self):
         self.sampler = StepSampler(len(self.split.records), self.batch_size, self.seed)
@@ -150,7 +152,8 @@ class Mixture:
         objects = rec.get("objects") or []
         asked = {q for q, _ in qa}
         out = []
-        for count, make in ((self.extra_spatial, pair_questions), (self.extra_attributes, attribute_questions)):
+        for count, make in ((self.extra_spatial, pair_questions), (self.extra_attributes, attribute_questions),
+                            (self.extra_positions, position_questions)):
             if count and objects:
                 pool = [(x["q"], x["a"]) for x in make(objects) if x["q"] not in asked]
                 out += [pool[i] for i in rng.permutation(len(pool))[:count]]

@@ -95,7 +95,7 @@ def run(ctx, stage: int) -> dict[str, float]:
                       understanding=1.0 - g - inter - cap, captioning=cap, generation=g, interleaved=inter,
                       caption_dropout=cfg.caption_dropout, prompt_only=stage == 4, max_blocks=cfg.max_blocks,
                       questions=cfg.questions_per_sequence, extra_spatial=cfg.extra_spatial_questions,
-                      extra_attributes=cfg.extra_attribute_questions)
+                      extra_attributes=cfg.extra_attribute_questions, extra_positions=cfg.extra_position_questions)
     device = ctx.device
     # Terms normalised by the global batch's token counts: the same gradient on any number of processes.
     world = distributed.world_size()
