@@ -4,7 +4,8 @@ Two tables for each `llm-N` folder, on every question of the test split:
 1. accuracy by question type, for images of seen pairs only, and for images with a held-out pair split by
    whether the question names the held-out object or another object of the image;
 2. for colour and shape questions, the rank of the right answer's first token among the text ids at the answer
-   position, and the median log-probability gap to the top answer when it is not first.
+   position, and the median log-probability gap to the top answer when it is not first (scored as decoding
+   scores them: with the answer prior where the model has one).
 
     .venv/bin/python benchmarks/probe_holdout_answers.py --data data/shapes \
         --tokenizer artifacts/tokenizer-3/<key> artifacts/llm-4/<key> [more llm folders]
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 from kelix.data.shapes import parse_combination  # noqa: E402
 from kelix.llm.corpus import Split, encode_split  # noqa: E402
 from kelix.llm.evaluate import normalise, predict, questions  # noqa: E402
-from kelix.llm.inference import _LLMStepper  # noqa: E402
+from kelix.llm.inference import _LLMStepper, answer_scores  # noqa: E402
 from kelix.llm.model import KelixLLM  # noqa: E402
 from kelix.llm.sequences import SequenceBuilder, collate  # noqa: E402
 from kelix.text import TextTokenizer  # noqa: E402
@@ -57,7 +58,7 @@ def first_token_ranks(llm: KelixLLM, text_tok: TextTokenizer, split: Split, item
         chunk = items[start:start + 64]
         batch = collate([builder.understanding_prompt(split.codes[i], q) for i, q, _ in chunk], v, left_pad=True)
         _, h = llm.block_decoder.start(_LLMStepper(llm, batch.to(llm.device), llm.embedding_table(), True).h, True)
-        logp = llm.logits(h, 0, v.text_size).log_softmax(-1)
+        logp = answer_scores(llm, h, [builder.question_text(q) for _, q, _ in chunk])
         for (_, _, a), lp in zip(chunk, logp):
             right = builder.encode(a)[0]
             out.append((int((lp > lp[right]).sum()), float(lp.max() - lp[right])))

@@ -258,7 +258,7 @@ def test_vqa_accuracy_scores_spatial_answers_by_axis_as_well(monkeypatch, text_t
     assert out["vqa_accuracy"] == 0.5 and out["vqa_accuracy_colour"] == 1.0
 
 
-def test_answer_prior_takes_what_the_question_predicts_and_inference_never_reads_it(text_tok, tmp_path):
+def test_answer_prior_takes_what_the_question_predicts_and_decoding_reads_the_product(text_tok, tmp_path):
     from kelix.llm.answer_prior import question_bags
     from kelix.llm.inference import answer_codes
     from kelix.llm.sequences import TEXT, collate
@@ -284,16 +284,46 @@ def test_answer_prior_takes_what_the_question_predicts_and_inference_never_reads
         assert int(held.max()) == int(c)
     assert len(torch.unique(batch.groups[rows, cols])) == 2
 
-    # The prior trains on its own loss; the product changes the LLM's answer gradient, not its text metric.
+    # The prior trains on its own loss; answers are scored as the product, and the text metric reads it too.
     loss, metrics = nbp_loss(llm, batch)
     loss_plain, metrics_plain = nbp_loss(plain, batch)
-    assert float(metrics["text_loss"]) == pytest.approx(float(metrics_plain["text_loss"]), abs=1e-6)
     assert "answer_prior_loss" in metrics and float(loss.detach()) != pytest.approx(float(loss_plain.detach()))
     loss.backward()
     assert llm.answer_prior.out.weight.grad.abs().sum() > 0
+    assert float(metrics["text_loss"]) != pytest.approx(float(metrics_plain["text_loss"]), abs=1e-4)
+    with torch.no_grad():  # the product is normalised: a flat prior leaves every answer's loss as it was
+        llm.answer_prior.out.weight.zero_()
+        llm.answer_prior.out.bias.zero_()
+        _, flat = nbp_loss(llm, batch)
+    assert float(flat["text_loss"]) == pytest.approx(float(metrics_plain["text_loss"]), abs=1e-6)
 
-    # Saved and loaded with the model; answering reads the LLM only (the same answers as without the prior).
+    # Saved and loaded with the model.
     again = type(llm).from_pretrained(llm.save_pretrained(tmp_path / "m"))
     assert torch.equal(again.answer_prior.out.weight, llm.answer_prior.out.weight)
-    ask = ["What colour is the star?"]
-    assert answer_codes(llm.eval(), text_tok, codes[None], ask) == answer_codes(plain.eval(), text_tok, codes[None], ask)
+
+    # Decoding answers as the product: a flat prior changes nothing, a prior sure of one word gives that word.
+    ask = ["What colour is the star?", "How many?"]
+    both = codes[None].expand(2, -1, -1)
+    assert answer_codes(llm.eval(), text_tok, both, ask) == answer_codes(plain.eval(), text_tok, both, ask)
+    word = text_tok.encode("red")[0]
+    with torch.no_grad():
+        llm.answer_prior.out.bias[word] = 1e4
+    assert answer_codes(llm, text_tok, both, ask, max_new_tokens=1) == [text_tok.decode([word])] * 2 != ["", ""]
+
+
+@pytest.mark.parametrize("question_first", [False, True])
+def test_question_text_is_the_answer_priors_bag_at_the_first_answer_token(text_tok, question_first):
+    from kelix.llm.answer_prior import question_bags
+    from kelix.llm.sequences import TEXT, collate
+
+    llm = toy_llm(text_tok, num_codebooks=N, codebook_size=S, seed=0)
+    builder = SequenceBuilder(llm.vocab, text_tok, question_first=question_first)
+    qa = [("What colour is the star?", "blue"), ("How many objects are there?", "two")]
+    batch = collate([builder.understanding(torch.zeros(P, N, dtype=torch.long), qa)], llm.vocab)
+    text_at = (batch.kinds == TEXT).nonzero(as_tuple=True)
+    for group, (q, a) in enumerate(qa, start=1):
+        # The group's first text target is the answer's first token (questions are context, not targets).
+        first = (batch.groups[text_at] == group).nonzero(as_tuple=True)[0][0]
+        tokens, mask = question_bags(batch.blocks, batch.groups, batch.image_pos, batch.attention_mask,
+                                     text_at[0][first][None], text_at[1][first][None])
+        assert tokens[0][mask[0]].tolist() == builder.question_text(q)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from kelix.llm.answer_prior import bag_log_probs
 from kelix.llm.model import KelixLLM
 from kelix.llm.sequences import Batch, SequenceBuilder, collate
 from kelix.llm.vocab import EMPTY
@@ -93,6 +94,17 @@ def _text_block(ids: torch.Tensor, n: int) -> torch.Tensor:
     return block
 
 
+def answer_scores(llm: KelixLLM, out: torch.Tensor, bags: list[list[int]]) -> torch.Tensor:
+    """Scores of the next answer token over the text ids, from the Block Decoder's output [B, H]: the LLM's
+    log-probabilities, plus the answer prior's where the model was trained as a product with one (answer_prior.py;
+    `bags`: each row's question and answer so far, as `SequenceBuilder.question_text` starts them)."""
+    size = llm.vocab.text_size
+    logp = llm.logits(out, 0, size).log_softmax(-1)
+    if llm.answer_prior is not None:
+        logp = logp + bag_log_probs(llm.answer_prior, bags, size, out.device)
+    return logp
+
+
 @torch.no_grad()
 def answer_codes(llm: KelixLLM, text_tok: TextTokenizer, codes: torch.Tensor, questions: list[str],
                  max_new_tokens: int = 8, use_cache: bool = True) -> list[str]:
@@ -105,13 +117,16 @@ def answer_codes(llm: KelixLLM, text_tok: TextTokenizer, codes: torch.Tensor, qu
     banned = torch.tensor([text_tok.pad_id, text_tok.bos_id], device=device)
     eos = text_tok.eos_id
     done = torch.zeros(len(questions), dtype=torch.bool, device=device)
+    bags = [builder.question_text(q) for q in questions]
     tokens = []
     for t in range(max_new_tokens):
         _, out = llm.block_decoder.start(lm.h, use_cache)
-        logits = llm.logits(out, 0, v.text_size)
+        logits = answer_scores(llm, out, bags)
         logits[:, banned] = float("-inf")
         tok = logits.argmax(-1).masked_fill(done, eos)
         tokens.append(tok)
+        for bag, k in zip(bags, tok.tolist()):
+            bag.append(k)
         done |= tok == eos
         if bool(done.all()) or t == max_new_tokens - 1:
             break

@@ -62,7 +62,6 @@ def nbp_loss(llm: KelixLLM, batch: Batch, global_counts: Callable[[torch.Tensor]
         # A text slot holds a text id or a special (<boi>, <eoi>, ...), never a code.
         logits[:, v.visual_start: v.special_start] = float("-inf")
         token_loss = F.cross_entropy(logits, tgt[:, 0], reduction="none")
-        metrics["text_loss"] = token_loss.detach().mean()  # the LLM's own, as inference uses it
         if answers is not None and len(answers):
             rows, cols = text_at[0][answers], text_at[1][answers]
             prior_logits = prior(*question_bags(batch.blocks, batch.groups, batch.image_pos, batch.attention_mask,
@@ -74,6 +73,7 @@ def nbp_loss(llm: KelixLLM, batch: Batch, global_counts: Callable[[torch.Tensor]
                 product_of_experts(logits[answers], prior_logits), want, reduction="none"))
             terms.append(prior_loss.sum() * scale[0])
             metrics["answer_prior_loss"] = prior_loss.detach().mean()
+        metrics["text_loss"] = token_loss.detach().mean()  # answers as decoding scores them: with the prior
         terms.append(token_loss.sum() * scale[0])
         metrics["text_acc"] = (logits.detach().argmax(-1) == tgt[:, 0]).float().mean()
         eob_logits.append(out[:, 1])

@@ -105,6 +105,12 @@ class SequenceBuilder:
         v = self.vocab
         return [self.text([v.und, v.boi]), self.image(codes), self.text([v.eoi])]
 
+    def question_text(self, question: str) -> list[int]:
+        """The text ids of a question's group before its answer: what the answer prior reads at the answer's first
+        token, in training (`answer_prior.question_bags`) and in decoding alike."""
+        v = self.vocab
+        return self.encode(question) + ([v.boi, v.eoi] if self.question_first else [])
+
     def understanding_prompt(self, codes: torch.Tensor, question: str) -> list[Segment]:
         if self.question_first:
             return [self.text([self.vocab.und])] + self._question_image(codes, question, group=0)
