@@ -1,5 +1,6 @@
 """Stage-2 LLM step time with the batch run as length buckets (`llm.length_buckets`) against one padded piece,
-and with the extra questions of `llm.extra_spatial_questions` / `extra_attribute_questions` (`--extra-questions`).
+with the extra questions of `llm.extra_spatial_questions` / `extra_attribute_questions` (`--extra-questions`)
+and `llm.extra_position_questions` (`--position-questions`), and with the answer prior of `llm.answer_prior` trained beside the LLM (`--answer-prior`).
 
 One tiny LLM (the preset's shapes, random init) trains on stage 2's mixture of the dataset's records with random
 codes (sequence lengths, which are what padding costs, do not depend on the code values). The settings run
@@ -8,6 +9,8 @@ step time over its rounds and the loss of the first step (the same batch, so the
 
     .venv/bin/python benchmarks/bench_length_buckets.py --data data/shapes --steps 20 --rounds 3 --extra-questions 0
     .venv/bin/python benchmarks/bench_length_buckets.py --data data/shapes --buckets 4 --extra-questions 0,5
+    .venv/bin/python benchmarks/bench_length_buckets.py --data data/shapes --buckets 4 --answer-prior 0,1 \
+        --position-questions 0,3
 """
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--extra-questions", default="5",
                         help="comma-separated counts of extra spatial and of extra attribute questions to compare")
+    parser.add_argument("--position-questions", default="0", help="comma-separated counts to compare")
+    parser.add_argument("--answer-prior", default="0", help="comma-separated 0 (off) / 1 (on) to compare")
     parser.add_argument("--records", type=int, default=2000, help="training records to draw batches from")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -54,40 +59,50 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     split = Split(records, torch.randint(0, s, (len(records), p, n), generator=g))
     torch.manual_seed(0)
+    lcfg.answer_prior = True  # built once; the off setting hides it from the loss
     llm = KelixLLM.from_config(lcfg, n, s, text_tok.vocab_size, torch.randn(n, s, tcfg.code_dim), num_positions=p)
     llm.block_encoder.fold(llm.lm.get_input_embeddings())  # stage 2: one embedding table, everything trains
     opt = torch.optim.AdamW(llm.parameters(), lr=1e-4)
     inter = lcfg.interleaved_fraction
     cap = (1.0 - lcfg.generation_fraction - inter) * lcfg.caption_fraction
-    mixtures = {k: Mixture(SequenceBuilder(llm.vocab, text_tok), split, lcfg.train2.batch_size, 0,
+    mixtures = {(k, w): Mixture(SequenceBuilder(llm.vocab, text_tok), split, lcfg.train2.batch_size, 0,
                            understanding=1.0 - lcfg.generation_fraction - inter - cap, captioning=cap,
                            generation=lcfg.generation_fraction, interleaved=inter, max_blocks=lcfg.max_blocks,
-                           extra_spatial=k, extra_attributes=k)
-                for k in (int(x) for x in args.extra_questions.split(","))}
-    settings = [(b, k) for k in mixtures for b in (int(x) for x in args.buckets.split(","))]
-    times: dict[tuple[int, int], list[float]] = {x: [] for x in settings}
+                           extra_spatial=k, extra_attributes=k, extra_positions=w)
+                for k in (int(x) for x in args.extra_questions.split(","))
+                for w in (int(x) for x in args.position_questions.split(","))}
+    prior = llm.answer_prior
+    settings = [(b, k, a) for a in (int(x) for x in args.answer_prior.split(",")) for k in mixtures
+                for b in (int(x) for x in args.buckets.split(","))]
+
+    def loss_of(b: int, k: tuple[int, int], a: int, step: int) -> torch.Tensor:
+        llm.answer_prior = prior if a else None
+        return bucketed_nbp_loss(llm, mixtures[k](step), b)[0]
+
+    times: dict[tuple[int, tuple[int, int], int], list[float]] = {x: [] for x in settings}
     with torch.no_grad():
-        first_loss = {(b, k): float(bucketed_nbp_loss(llm, mixtures[k](0), b)[0]) for b, k in settings}
+        first_loss = {x: float(loss_of(*x, 0)) for x in settings}
     real = {k: sum(int(m(i).attention_mask.sum()) for i in range(args.steps)) for k, m in mixtures.items()}
     padded = {(b, k): sum(sum(x.attention_mask.numel() for x in mixtures[k](i).buckets(b)) for i in range(args.steps))
-              for b, k in settings}
+              for b, k, _ in settings}
     for _ in range(args.rounds):
-        for b, k in settings:
+        for x in settings:
             t0 = time.perf_counter()
             for i in range(args.steps):
-                loss, _ = bucketed_nbp_loss(llm, mixtures[k](i), b)
+                loss = loss_of(*x, i)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            times[(b, k)].append((time.perf_counter() - t0) / args.steps)
+            times[x].append((time.perf_counter() - t0) / args.steps)
     base = statistics.median(times[settings[0]])
-    print(f"| length_buckets | extra questions | s / step (median of {args.rounds} rounds of {args.steps}) | "
-          f"vs the first | real blocks / step | padded / real blocks | first-step loss |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for b, k in settings:
-        t = statistics.median(times[(b, k)])
-        print(f"| {b} | {k} | {t:.3f} | {base / t:.2f}x | {real[k] / args.steps:.0f} | {padded[(b, k)] / real[k]:.2f} | "
-              f"{first_loss[(b, k)]:.5f} |")
+    print(f"| length_buckets | extra questions | position questions | answer prior | s / step (median of "
+          f"{args.rounds} rounds of {args.steps}) | vs the first | real blocks / step | padded / real blocks | "
+          "first-step loss |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for b, k, a in settings:
+        t = statistics.median(times[(b, k, a)])
+        print(f"| {b} | {k[0]} | {k[1]} | {'on' if a else 'off'} | {t:.3f} | {base / t:.2f}x | "
+              f"{real[k] / args.steps:.0f} | {padded[(b, k)] / real[k]:.2f} | {first_loss[(b, k, a)]:.5f} |")
     return 0
 
 
