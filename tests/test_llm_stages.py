@@ -32,7 +32,8 @@ def test_stage1_trains_only_block_decoder_lm_head_and_visual_projection(text_tok
     set_trainable(llm, 1)
     names = _trainable(llm)
     expected = ({"lm.lm_head.weight", "block_encoder.visual_proj", "block_encoder.image_pos"}
-                | {f"block_decoder.{n}" for n, _ in llm.block_decoder.named_parameters()})
+                | {f"block_decoder.{n}" for n, _ in llm.block_decoder.named_parameters()}
+                | {f"answer_prior.{n}" for n, _ in llm.answer_prior.named_parameters()})  # new, like the decoder
     assert names == expected
     assert not any(n.startswith("lm.model.") for n in names)  # Qwen3: layers, norms, text embeddings
 
@@ -264,7 +265,7 @@ def test_answer_prior_takes_what_the_question_predicts_and_decoding_reads_the_pr
     from kelix.llm.sequences import TEXT, collate
 
     torch.manual_seed(0)
-    plain = toy_llm(text_tok, num_codebooks=N, codebook_size=S, seed=0)
+    plain = toy_llm(text_tok, LLMConfig(answer_prior=False), num_codebooks=N, codebook_size=S, seed=0)
     llm = toy_llm(text_tok, LLMConfig(answer_prior=True), num_codebooks=N, codebook_size=S, seed=0)
     assert llm.answer_prior is not None and plain.answer_prior is None
     assert set(set_trainable(llm, 1)) >= set(llm.answer_prior.parameters())
