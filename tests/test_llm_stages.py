@@ -291,6 +291,10 @@ def test_answer_prior_takes_what_the_question_predicts_and_decoding_reads_the_pr
     assert "answer_prior_loss" in metrics and float(loss.detach()) != pytest.approx(float(loss_plain.detach()))
     loss.backward()
     assert llm.answer_prior.out.weight.grad.abs().sum() > 0
+    # A batch that asks nothing still gives the prior (zero) gradients: FSDP's collectives need every rank's.
+    llm.zero_grad(set_to_none=True)
+    nbp_loss(llm, collate([builder.generation("a blue star", codes)], llm.vocab))[0].backward()
+    assert all(p.grad is not None and not p.grad.any() for p in llm.answer_prior.parameters())
     assert float(metrics["text_loss"]) != pytest.approx(float(metrics_plain["text_loss"]), abs=1e-4)
     with torch.no_grad():  # the product is normalised: a flat prior leaves every answer's loss as it was
         llm.answer_prior.out.weight.zero_()

@@ -93,6 +93,11 @@ def nbp_loss(llm: KelixLLM, batch: Batch, global_counts: Callable[[torch.Tensor]
 
     if not terms:
         raise ValueError("batch has no target blocks")
+    if prior is not None and not len(answers):
+        # The prior takes part in every step, with a zero term when this batch asks nothing: FSDP reduces the
+        # root unit's gradients as one collective, and a rank whose prior got no gradient would leave it short.
+        nothing = torch.zeros(1, 1, dtype=torch.bool, device=batch.blocks.device)
+        terms.append(0.0 * prior(batch.blocks[:1, :1, 0], nothing).sum())
     eob_out = torch.cat(eob_logits)
     eob = F.cross_entropy(llm.logits(eob_out), torch.full((len(eob_out),), v.eob, device=eob_out.device),
                           reduction="sum")
