@@ -1,6 +1,7 @@
 """Stage-2 LLM step time with the batch run as length buckets (`llm.length_buckets`) against one padded piece,
 with the extra questions of `llm.extra_spatial_questions` / `extra_attribute_questions` (`--extra-questions`)
-and `llm.extra_position_questions` (`--position-questions`), and with the answer prior of `llm.answer_prior` trained beside the LLM (`--answer-prior`).
+and `llm.extra_position_questions` (`--position-questions`), and with the answer prior of `llm.answer_prior`
+trained beside the LLM (`--answer-prior`).
 
 One tiny LLM (the preset's shapes, random init) trains on stage 2's mixture of the dataset's records with random
 codes (sequence lengths, which are what padding costs, do not depend on the code values). The settings run

@@ -75,7 +75,7 @@ def nbp_loss(llm: KelixLLM, batch: Batch, global_counts: Callable[[torch.Tensor]
             metrics["answer_prior_loss"] = prior_loss.detach().mean()
         metrics["text_loss"] = token_loss.detach().mean()  # answers as decoding scores them: with the prior
         terms.append(token_loss.sum() * scale[0])
-        metrics["text_acc"] = (logits.detach().argmax(-1) == tgt[:, 0]).float().mean()
+        metrics["text_acc"] = (logits.detach().argmax(-1) == tgt[:, 0]).float().mean()  # the LLM's own
         eob_logits.append(out[:, 1])
 
     if n_image:
