@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -262,6 +263,7 @@ def test_vqa_accuracy_scores_spatial_answers_by_axis_as_well(monkeypatch, text_t
 def test_answer_prior_takes_what_the_question_predicts_and_decoding_reads_the_product(text_tok, tmp_path):
     from kelix.llm.answer_prior import question_bags
     from kelix.llm.inference import answer_codes
+    from kelix.llm.model import CONFIG_NAME
     from kelix.llm.sequences import TEXT, collate
 
     torch.manual_seed(0)
@@ -302,9 +304,14 @@ def test_answer_prior_takes_what_the_question_predicts_and_decoding_reads_the_pr
         _, flat = nbp_loss(llm, batch)
     assert float(flat["text_loss"]) == pytest.approx(float(metrics_plain["text_loss"]), abs=1e-6)
 
-    # Saved and loaded with the model.
+    # Saved and loaded with the model; a model saved before the option existed loads without one.
     again = type(llm).from_pretrained(llm.save_pretrained(tmp_path / "m"))
     assert torch.equal(again.answer_prior.out.weight, llm.answer_prior.out.weight)
+    old = plain.save_pretrained(tmp_path / "old")
+    meta = json.loads((old / CONFIG_NAME).read_text())
+    del meta["llm"]["answer_prior"]
+    (old / CONFIG_NAME).write_text(json.dumps(meta))
+    assert type(llm).from_pretrained(old).answer_prior is None
 
     # Decoding answers as the product: a flat prior changes nothing, a prior sure of one word gives that word.
     ask = ["What colour is the star?", "How many?"]

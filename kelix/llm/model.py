@@ -136,7 +136,8 @@ class KelixLLM(nn.Module):
         if not (folder / CONFIG_NAME).exists():
             raise FileNotFoundError(f"no KelixLLM at {folder} ({CONFIG_NAME} missing)")
         meta = json.loads((folder / CONFIG_NAME).read_text())
-        cfg = coerce(meta["llm"], LLMConfig, "llm")
+        # Saved before the answer prior existed: such a model has none (the field's default is on now).
+        cfg = coerce({"answer_prior": False, **meta["llm"]}, LLMConfig, "llm")
         n, s = meta["num_codebooks"], meta["codebook_size"]
         placeholder = torch.zeros(n, s, meta["code_dim"] or DEFAULT_CODE_DIM)
         qwen = Qwen3Config.from_dict(meta["qwen3"])
