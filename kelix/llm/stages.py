@@ -37,7 +37,7 @@ def set_trainable(llm: KelixLLM, stage: int) -> list[nn.Parameter]:
             raise ValueError("stage 1 trains the visual projection, but this model's visual rows are already folded")
         llm.requires_grad_(False)
         # The block encoder holds the visual projection (and the image position embedding, also new); the
-        # answer prior (llm.answer_prior, off by default) is new too.
+        # answer prior (llm.answer_prior: on in tiny, off in small and paper) is new too.
         for part in (llm.block_decoder, llm.lm.lm_head, llm.block_encoder, llm.answer_prior):
             if part is not None:
                 part.requires_grad_(True)
