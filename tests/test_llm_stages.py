@@ -159,6 +159,11 @@ def test_four_stages_end_to_end(tmp_path, tiny_dataset):
     assert llm.block_encoder.folded and llm.num_positions == tokenizer.num_positions
     codes = generate_codes(llm.eval(), TextTokenizer.load(tmp_path / "llm-4"), ["a red circle"])
     assert codes.shape == (1, tokenizer.num_positions, tokenizer.num_codebooks)
+    # The answer prior's kinds come from the training questions: colours, shapes, numbers, yes/no, directions.
+    text_tok = TextTokenizer.load(tmp_path / "llm-4")
+    kind = {w: int(llm.answer_prior.kind[text_tok.encode(w)[0]]) for w in ("red", "blue", "star", "one", "yes", "no")}
+    assert kind["red"] == kind["blue"] >= 0 and kind["yes"] == kind["no"] >= 0
+    assert len({kind["red"], kind["star"], kind["one"], kind["yes"]}) == 4
 
 
 def test_the_tiny_presets_interleaved_sequences_fit_its_max_blocks(tiny_dataset):
@@ -321,6 +326,52 @@ def test_answer_prior_takes_what_the_question_predicts_and_decoding_reads_the_pr
     with torch.no_grad():
         llm.answer_prior.out.bias[word] = 1e4
     assert answer_codes(llm, text_tok, both, ask, max_new_tokens=1) == [text_tok.decode([word])] * 2 != ["", ""]
+
+
+def test_decoding_reads_the_priors_kind_of_answer_and_the_llms_choice_within_it(text_tok, tmp_path):
+    from kelix.llm.answer_prior import answer_kinds, kind_log_probs
+    from kelix.llm.inference import answer_scores
+    from kelix.llm.model import WEIGHTS_NAME
+    from safetensors.torch import load_file, save_file
+
+    red, blue, green, one, two = (text_tok.encode(w)[0] for w in ("red", "blue", "green", "one", "two"))
+    pairs = [("What colour is the star?", red), ("What colour is the star?", blue),
+             ("What colour is the circle?", blue), ("What colour is the circle?", green),
+             ("How many?", one), ("How many?", two)]
+    kind = answer_kinds(pairs, text_tok.vocab_size)
+    assert kind[red] == kind[blue] == kind[green] != kind[one] == kind[two] and (kind >= 0).sum() == 5
+    logp = torch.randn(3, text_tok.vocab_size).log_softmax(-1)
+    marginal = kind_log_probs(logp, kind)
+    colours = torch.tensor([red, blue, green])
+    assert torch.allclose(marginal[:, red].exp(), logp[:, colours].exp().sum(-1))
+    assert torch.equal(marginal[:, kind < 0], logp[:, kind < 0])
+
+    # Set by the stage from its mixture's questions (Mixture.question_answers), saved with the model.
+    llm = toy_llm(text_tok, LLMConfig(answer_prior=True), num_codebooks=N, codebook_size=S, seed=0).eval()
+    records = [{"key": f"r{i}", "caption": "", "prompt": "", "qa": [{"q": "What colour is the star?", "a": c},
+                                                                     {"q": "How many objects are there?", "a": n}]}
+               for i, (c, n) in enumerate((("red", "one"), ("blue", "two")))]
+    mixture = Mixture(SequenceBuilder(llm.vocab, text_tok), Split(records, torch.zeros(2, P, N, dtype=torch.long)),
+                      batch_size=2, seed=0, understanding=1.0, generation=0.0)
+    llm.answer_prior.set_kinds(mixture.question_answers(), mixture.builder.encode)
+    assert llm.answer_prior.kind[red] == llm.answer_prior.kind[blue] != llm.answer_prior.kind[one] >= 0
+    folder = llm.save_pretrained(tmp_path / "m")
+    assert torch.equal(type(llm).from_pretrained(folder).answer_prior.kind, llm.answer_prior.kind)
+    # A prior sure of "red" still picks a colour, but which colour is the LLM's: the scores of the colours
+    # differ by the LLM's log-probabilities alone.
+    with torch.no_grad():
+        llm.answer_prior.out.bias[red] = 1e4
+        out = torch.randn(2, llm.lm.lm_head.weight.shape[1])
+        scores = answer_scores(llm, out, [text_tok.encode("What colour is the star?")] * 2)
+        own = llm.logits(out, 0, llm.vocab.text_size).log_softmax(-1)
+    cols = (llm.answer_prior.kind[: llm.vocab.text_size] == llm.answer_prior.kind[red]).nonzero().squeeze(1)
+    assert torch.allclose(scores[:, cols] - own[:, cols], scores[:, red:red + 1] - own[:, red:red + 1])
+    assert torch.equal(scores.argmax(-1), cols[own[:, cols].argmax(-1)])
+    # A model saved before kinds existed reads the whole prior, as it was trained to.
+    state = load_file(folder / WEIGHTS_NAME)
+    del state["answer_prior.kind"]
+    save_file(state, folder / WEIGHTS_NAME)
+    assert (type(llm).from_pretrained(folder).answer_prior.kind == -1).all()
 
 
 @pytest.mark.parametrize("question_first", [False, True])

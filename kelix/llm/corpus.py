@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,12 +153,25 @@ class Mixture:
         objects = rec.get("objects") or []
         asked = {q for q, _ in qa}
         out = []
-        for count, make in ((self.extra_spatial, pair_questions), (self.extra_attributes, attribute_questions),
-                            (self.extra_positions, position_questions)):
+        for count, make in self._extra_makers():
             if count and objects:
                 pool = [(x["q"], x["a"]) for x in make(objects) if x["q"] not in asked]
                 out += [pool[i] for i in rng.permutation(len(pool))[:count]]
         return out
+
+    def question_answers(self) -> Iterator[tuple[str, str]]:
+        """Every (question, answer) this mixture can train on: the records' own and all their extra ones."""
+        for rec in self.split.records:
+            qa = [(x["q"], x["a"]) for x in rec.get("qa") or []]
+            yield from qa
+            objects = rec.get("objects") or []
+            for count, make in self._extra_makers():
+                if count and objects:
+                    yield from ((x["q"], x["a"]) for x in make(objects))
+
+    def _extra_makers(self):
+        return ((self.extra_spatial, pair_questions), (self.extra_attributes, attribute_questions),
+                (self.extra_positions, position_questions))
 
     def __call__(self, step: int) -> Batch:
         # One generator per slot of the global batch: an example is built the same on any number of processes.

@@ -144,7 +144,10 @@ class KelixLLM(nn.Module):
         model = cls(cfg, n, s, meta["text_vocab_size"], placeholder, meta.get("num_positions"), qwen=qwen)
         if meta["folded"]:
             model.fold_visual_embeddings()
-        model.load_state_dict(load_file(folder / WEIGHTS_NAME, device=str(map_location)))
+        state = load_file(folder / WEIGHTS_NAME, device=str(map_location))
+        if model.answer_prior is not None:  # saved before answer kinds existed: none, decoding reads the whole prior
+            state.setdefault("answer_prior.kind", model.answer_prior.kind)
+        model.load_state_dict(state)
         return model.to(map_location)
 
     # ---- the pieces inference and training use ----

@@ -96,6 +96,8 @@ def run(ctx, stage: int) -> dict[str, float]:
                       caption_dropout=cfg.caption_dropout, prompt_only=stage == 4, max_blocks=cfg.max_blocks,
                       questions=cfg.questions_per_sequence, extra_spatial=cfg.extra_spatial_questions,
                       extra_attributes=cfg.extra_attribute_questions, extra_positions=cfg.extra_position_questions)
+    if llm.answer_prior is not None:
+        llm.answer_prior.set_kinds(mixture.question_answers(), mixture.builder.encode)
     device = ctx.device
     # Terms normalised by the global batch's token counts: the same gradient on any number of processes.
     world = distributed.world_size()
