@@ -239,9 +239,12 @@ def test_extra_questions_ask_about_other_pairs_and_objects_after_the_records_own
     # Where each object lies, against the image's centre (a centre on the line counts as below / right).
     where = Mixture(SequenceBuilder(llm.vocab, text_tok), Split([record], codes), batch_size=1, seed=0,
                     understanding=1.0, generation=0.0, extra_positions=2).extra_questions(record, qa, np.random.default_rng(0))
-    assert len(where) == 2 and set(where) < {("Where is the red circle?", "below left"),
-                                             ("Where is the blue star?", "above right"),
-                                             ("Where is the green square?", "below right")}
+    places = {"red circle": "below left", "blue star": "above right", "green square": "below right"}
+    named = {f"Where is the {n}?": a for full, a in places.items()
+             for n in (full, full.split()[1], f"{full.split()[0]} object")}
+    assert len(where) == 2 and set(where) < set(named.items())
+    assert len(Mixture(SequenceBuilder(llm.vocab, text_tok), Split([record], codes), batch_size=1, seed=0,
+                       understanding=1.0, generation=0.0, extra_positions=12).extra_questions(record, qa, rng=np.random.default_rng(0))) == 9
     # The record's own questions come first, drawn as without the option; the extra ones follow.
     plain, more = (mixture(k).example(0, np.random.default_rng(5)) for k in (0, 2))
     assert len(more) == len(plain) + 4  # two more groups of question and answer

@@ -273,10 +273,17 @@ def pair_questions(objects: list[dict]) -> list[dict]:
 
 def position_questions(objects: list[dict]) -> list[dict]:
     """Where each of a manifest record's objects lies: which side of the image's centre, vertically and
-    horizontally ("above left", ...), from its box centre. Not a question the data asks; it teaches a reader to
-    find a named object's place, the first hop of every spatial question."""
-    return [{"q": f"Where is the {_name(o)}?", "a": f"{'above' if o['y'] < 0.5 else 'below'} "
-             f"{'left' if o['x'] < 0.5 else 'right'}", "type": "position"} for o in objects]
+    horizontally ("above left", ...), from its box centre, the object named three ways: "the red circle", "the
+    circle", "the red object" (colours and shapes are distinct within an image, so each names one object). Not a
+    question the data asks; it teaches a reader to find a named object's place, the first hop of every spatial
+    question, and to find it by its shape alone or by its colour alone, the first hop of the data's colour and
+    shape questions."""
+    out = []
+    for o in objects:
+        where = f"{'above' if o['y'] < 0.5 else 'below'} {'left' if o['x'] < 0.5 else 'right'}"
+        for name in (_name(o), o["shape"], f"{o['colour']} object"):
+            out.append({"q": f"Where is the {name}?", "a": where, "type": "position"})
+    return out
 
 
 def _count_word(n: int) -> str:
