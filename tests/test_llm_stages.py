@@ -348,6 +348,8 @@ def test_decoding_reads_the_priors_kind_of_answer_and_the_llms_choice_within_it(
     colours = torch.tensor([red, blue, green])
     assert torch.allclose(marginal[:, red].exp(), logp[:, colours].exp().sum(-1))
     assert torch.equal(marginal[:, kind < 0], logp[:, kind < 0])
+    sure = torch.full((1, text_tok.vocab_size), -1e4).index_fill(1, torch.tensor([one]), 0.0)  # all on "one"
+    assert torch.isfinite(kind_log_probs(sure, kind)).all()  # the colours' kind is ruled out, not -inf
 
     # Set by the stage from its mixture's questions (Mixture.question_answers), saved with the model.
     llm = toy_llm(text_tok, LLMConfig(answer_prior=True), num_codebooks=N, codebook_size=S, seed=0).eval()

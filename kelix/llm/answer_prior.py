@@ -95,9 +95,13 @@ def kind_log_probs(logp: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
     has = kind >= 0
     if not has.any():
         return logp
-    index = kind.clamp_min(0)
-    mass = logp.new_zeros(len(logp), int(kind.max()) + 1).index_add_(1, index[has], logp[:, has].exp())
-    return torch.where(has, mass[:, index].log(), logp)
+    index, members = kind.clamp_min(0), logp[:, has]
+    at = index[has].expand(len(logp), -1)
+    # A log-sum-exp per kind, shifted by the kind's largest member: a kind the prior all but rules out keeps a
+    # finite score instead of exp() underflowing to log(0).
+    top = logp.new_full((len(logp), int(kind.max()) + 1), float("-inf")).scatter_reduce(1, at, members, "amax")
+    mass = torch.zeros_like(top).scatter_add(1, at, (members - top.gather(1, at)).exp())
+    return torch.where(has, (top + mass.log())[:, index], logp)
 
 
 def bag_log_probs(prior: AnswerPrior, bags: list[list[int]], size: int, device: torch.device | str) -> torch.Tensor:
