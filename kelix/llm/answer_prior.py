@@ -11,8 +11,8 @@ scores, so the LLM's gradient only asks it for what the image adds.
 The prior reads a bag of the question's tokens (and of the answer's earlier tokens), so it captures word-level
 priors like "red -> not triangle" and nothing about the image.
 
-Decoding answers with the same product (`inference.answer_codes`). Clark et al. read the main model alone at
-test time, to drop the bias; here that fails, because the prior also knows which kind of answer a question
+The fourteenth session decoded with the same product (`inference.answer_codes`). Clark et al. read the main
+model alone at test time, to drop the bias; here that fails, because the prior also knows which kind of answer a question
 wants (a number, a direction, yes or no) and the LLM alone stops learning it (test VQA 0.50-0.59 on tiny). Read
 as the product, three tiny runs answered 0.828-0.868 against 0.817-0.826 for the LLM trained alone, and 0.867-0.891
 with `llm.extra_position_questions` (docs/benchmarks.md, "Where each object is, and an answer prior as a second

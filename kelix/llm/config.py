@@ -56,9 +56,10 @@ class LLMConfig:
     # circle?", "Where is the red object?"), the first hop of the data's colour and shape questions: 6 of the up
     # to 9 lifted answers about held-out pairs from 0.75-0.79 to 0.80-0.82 (docs, "The prior's kind of answer").
     extra_position_questions: int = 6
-    # Train and answer as a product of experts with a question-only prior (answer_prior.py): the prior takes
-    # the answers' kinds and what the question's words alone predict, the LLM what the image adds. On tiny
-    # (with the position questions) test VQA 0.867-0.891 (3 runs) against 0.858 without it; small and paper start
+    # Train as a product of experts with a question-only prior (answer_prior.py): the prior takes the answers'
+    # kinds and what the question's words alone predict, the LLM what the image adds; decoding reads the prior's
+    # kind of answer and the LLM's choice within it. On tiny (with the position questions) test VQA 0.867-0.891
+    # (3 runs, decoded with the whole prior) against 0.858 without it; small and paper start
     # from a pretrained Qwen3 and keep the report's plain LM loss.
     answer_prior: bool = True
     # Share of generation examples whose caption is dropped, for classifier-free guidance.

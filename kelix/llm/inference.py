@@ -96,8 +96,9 @@ def _text_block(ids: torch.Tensor, n: int) -> torch.Tensor:
 
 def answer_scores(llm: KelixLLM, out: torch.Tensor, bags: list[list[int]]) -> torch.Tensor:
     """Scores of the next answer token over the text ids, from the Block Decoder's output [B, H]: the LLM's
-    log-probabilities, plus the answer prior's where the model was trained as a product with one (answer_prior.py;
-    `bags`: each row's question and answer so far, as `SequenceBuilder.question_text` starts them)."""
+    log-probabilities, plus the log-probability of each token's kind of answer under the answer prior where the
+    model was trained as a product with one (answer_prior.py; `bags`: each row's question and answer so far, as
+    `SequenceBuilder.question_text` starts them)."""
     size = llm.vocab.text_size
     logp = llm.logits(out, 0, size).log_softmax(-1)
     if llm.answer_prior is not None:

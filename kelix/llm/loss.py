@@ -73,7 +73,7 @@ def nbp_loss(llm: KelixLLM, batch: Batch, global_counts: Callable[[torch.Tensor]
                 product_of_experts(logits[answers], prior_logits), want, reduction="none"))
             terms.append(prior_loss.sum() * scale[0])
             metrics["answer_prior_loss"] = prior_loss.detach().mean()
-        metrics["text_loss"] = token_loss.detach().mean()  # answers as decoding scores them: with the prior
+        metrics["text_loss"] = token_loss.detach().mean()  # answers as trained: with the whole prior
         terms.append(token_loss.sum() * scale[0])
         metrics["text_acc"] = (logits.detach().argmax(-1) == tgt[:, 0]).float().mean()  # the LLM's own
         eob_logits.append(out[:, 1])

@@ -90,7 +90,7 @@ class KelixLLM(nn.Module):
         self.block_decoder = build_block_decoder(
             cfg.block_decoder, hidden, cfg.bd_hidden_size, cfg.bd_num_layers, cfg.bd_num_heads,
             cfg.bd_intermediate_size, block_len=num_codebooks + 1)
-        # A second expert on answers (answer_prior.py): trained beside the LLM, and decoding reads the product.
+        # A second expert on answers (answer_prior.py): trained beside the LLM; decoding reads its kind of answer.
         self.answer_prior = AnswerPrior(self.vocab.size) if cfg.answer_prior else None
 
     # ---- construction and persistence ----
