@@ -28,7 +28,8 @@ class RuntimeConfig:
     deterministic: bool = True
     # torch.compile the LLM's repeated blocks (Qwen3 decoder layers, Block Decoder) while a stage trains: fuses
     # the elementwise work that dominates an eager step on a GPU. Off in every preset until a GPU run measures it
-    # (benchmarks/gpu_checks.sh); on 2 CPU cores the compile would cost more than a tiny stage gains.
+    # (benchmarks/gpu_checks.sh). On 2 CPU cores a tiny llm-2 step is 1.2x faster compiled, after about a minute
+    # of compiling: 30 s net over 1,500 steps, a loss on the short stages (docs/benchmarks.md, "Compiling").
     compile: bool = False
     # Stage name -> resources; stages not listed get `default_resources`.
     default_resources: Resources = field(default_factory=Resources)

@@ -53,6 +53,8 @@ class Oracle:
 
     def generate(self, prompts, seed=0):
         self.calls["generate"] += 1
+        # Image i of a batch comes from seed + i, as in `generate_images`.
+        self.calls.setdefault("generated", []).extend((p, seed + i) for i, p in enumerate(prompts))
         return [self.by_prompt[p] for p in prompts]
 
     def reconstruct(self, images, seed=0):
@@ -65,7 +67,7 @@ class Oracle:
 
 
 def test_oracle_scores_perfectly_and_reports(shapes, tmp_path):
-    cfg = load_config("tiny", overrides=["eval.num_vqa=40", "eval.num_generation_prompts=12",
+    cfg = load_config("tiny", overrides=["eval.num_vqa=40", "eval.num_generation_prompts=12", "eval.images_per_prompt=3",
                                          "eval.num_reconstructions=6", "eval.num_tokenizer_images=10", "eval.batch_size=5"])
     oracle = Oracle(shapes, cfg)
     metrics = evaluate_bundle(oracle, shapes, tmp_path / "out", model_name="oracle", log=lambda _: None)
@@ -77,15 +79,23 @@ def test_oracle_scores_perfectly_and_reports(shapes, tmp_path):
     assert metrics["recon_detector_agreement"] == 1.0
     for i in range(N):
         assert metrics[f"tok_util_{i}"] == P / S and metrics[f"tok_ppl_{i}"] == pytest.approx(P)
-    # 40 questions and 12 prompts in batches of 5; reconstruction batch i starts at seed + its first index.
-    assert oracle.calls == {"answer": 8, "generate": 3, "reconstruct_seeds": [cfg.eval.seed, cfg.eval.seed + 5]}
+    # 40 questions and 12 prompts x 3 images in batches of 5; a batch starts at seed + its first index.
+    generated = oracle.calls.pop("generated")
+    assert oracle.calls == {"answer": 8, "generate": 8, "reconstruct_seeds": [cfg.eval.seed, cfg.eval.seed + 5]}
+    # GenEval's protocol: every prompt's images sit together and each has its own seed.
+    prompts = [p.prompt for p in generation_prompts(list(iter_records(shapes, "test")), 12)]
+    assert [p for p, _ in generated] == [p for p in prompts for _ in range(3)]
+    assert [seed for _, seed in generated] == [cfg.eval.seed + i for i in range(36)]
 
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert report["metrics"] == pytest.approx(metrics)
-    assert report["details"]["vqa"]["n"] == 40 and report["details"]["geneval"]["prompts"] == 12
+    assert report["details"]["vqa"]["n"] == 40
+    assert {k: report["details"]["geneval"][k] for k in ("prompts", "images_per_prompt", "images")} == {
+        "prompts": 12, "images_per_prompt": 3, "images": 36}
     md = (tmp_path / "out" / "eval.md").read_text()
     assert "| vqa_accuracy | 1.0000 | 0.5000 | yes |" in md
     assert "| held-out combinations |" in md and "| position |" in md
+    assert "12 test prompts, 3 image(s) each" in md and "| overall (mean of categories) | 36 | 1.0000 |" in md
     with Image.open(tmp_path / "out" / "grid.png") as grid:
         assert grid.width == 8 * 132 and grid.height == 3 * (128 + 5 * 12 + 4 + 4)
 

@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 class EvalConfig:
     num_vqa: int = 500
     num_generation_prompts: int = 48
+    # Images generated (and scored) per prompt, each from its own seed: GenEval's protocol is 4. On the tiny
+    # preset's 48 prompts that cuts the seed-to-seed spread of the two-object, counting, position and colour
+    # binding scores by 2-3x (docs/benchmarks.md, "How much of a GenEval score is the seed").
+    images_per_prompt: int = 4
     num_reconstructions: int = 64
     # Test images whose codes give the per-sub-codebook utilisation and perplexity.
     num_tokenizer_images: int = 500

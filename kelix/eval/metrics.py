@@ -100,7 +100,7 @@ def geneval_checks(objects: Sequence[dict], relation: str | None, detections: Se
 
 
 def geneval_scores(checks: Iterable[dict[str, bool]]) -> dict[str, float]:
-    """Per-category pass rates, `geneval_overall` (their mean) and `geneval_strict` (prompts passing every
+    """Per-category pass rates, `geneval_overall` (their mean) and `geneval_strict` (images passing every
     check they have). Categories no prompt tested are left out of both the table and the mean."""
     checks = list(checks)
     per: dict[str, list[bool]] = {c: [] for c in CATEGORIES}

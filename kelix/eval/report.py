@@ -49,11 +49,14 @@ def markdown(metrics: dict[str, float], details: dict, thresholds: dict[str, flo
              ("seen combinations", vqa.get("seen", 0), metrics.get("vqa_seen_accuracy", float("nan")))]
     out += _table(["questions", "n", "accuracy"], rows)
     gen = details.get("geneval", {})
-    out += ["## Generation (GenEval-style, analytic detector)", ""]
+    per_prompt = gen.get("images_per_prompt", 1)
+    images = gen.get("images", gen.get("prompts", 0))
+    out += ["## Generation (GenEval-style, analytic detector)", "",
+            f"{gen.get('prompts', 0)} test prompts, {per_prompt} image(s) each; every image is scored.", ""]
     rows = [(c, gen.get("per_category", {}).get(c, 0), metrics.get(f"geneval_{c}", float("nan"))) for c in CATEGORIES]
-    rows += [("overall (mean of categories)", gen.get("prompts", 0), metrics.get("geneval_overall", float("nan"))),
-             ("strict (every check of a prompt)", gen.get("prompts", 0), metrics.get("geneval_strict", float("nan")))]
-    out += _table(["category", "prompts", "score"], rows)
+    rows += [("overall (mean of categories)", images, metrics.get("geneval_overall", float("nan"))),
+             ("strict (every check of an image)", images, metrics.get("geneval_strict", float("nan")))]
+    out += _table(["category", "images", "score"], rows)
     out += ["## Reconstruction (AE-DiT)", ""]
     out += _table(["images", "PSNR (dB)", "SSIM", "detector agreement"],
                   [(details.get("reconstruction", {}).get("n", 0), metrics.get("recon_psnr", float("nan")),

@@ -37,6 +37,20 @@ def _one_per_image(questions: list, answers: list[str]) -> list:
     return out
 
 
+def score_generation(bundle: Any, prompts: list, per_prompt: int, seed: int, batch_size: int
+                     ) -> tuple[list[Image.Image], list[dict[str, bool]]]:
+    """GenEval's protocol: `per_prompt` images for each prompt (`GenPrompt`s), each from its own seed, and the
+    checks of every image; both lists hold a prompt's images next to each other."""
+    from kelix.data.detector import detect
+
+    samples = [p for p in prompts for _ in range(per_prompt)]
+    generated: list[Image.Image] = []
+    for start, chunk in _batched(samples, batch_size):
+        # seed + start: image i gets seed + i whatever the batch size, so a prompt's images differ.
+        generated += bundle.generate([p.prompt for p in chunk], seed=seed + start)
+    return generated, [M.geneval_checks(p.objects, p.relation, detect(im)) for p, im in zip(samples, generated)]
+
+
 def evaluate_bundle(bundle: Any, data_dir: str | Path, out_dir: str | Path, model_name: str = "",
                     log: Callable[[str], None] = print) -> dict[str, float]:
     """Every metric of the model on the test split of `data_dir`; writes eval.json, eval.md, grid.png."""
@@ -71,13 +85,14 @@ def evaluate_bundle(bundle: Any, data_dir: str | Path, out_dir: str | Path, mode
 
     # Generation.
     prompts = generation_prompts(records, ecfg.num_generation_prompts) or palette_prompts(ecfg.num_generation_prompts)
-    generated: list[Image.Image] = []
-    for start, chunk in _batched(prompts, bs):
-        generated += bundle.generate([p.prompt for p in chunk], seed=ecfg.seed + start)
-    checks = [M.geneval_checks(p.objects, p.relation, detect(im)) for p, im in zip(prompts, generated)]
+    per_prompt = max(1, ecfg.images_per_prompt)
+    generated, checks = score_generation(bundle, prompts, per_prompt, ecfg.seed, bs)
     metrics.update(M.geneval_scores(checks))
-    details["geneval"] = {"prompts": len(prompts), "per_category": dict(Counter(c for ch in checks for c in ch))}
-    log(f"eval: GenEval overall {metrics.get('geneval_overall', float('nan')):.3f} on {len(prompts)} prompts")
+    details["geneval"] = {"prompts": len(prompts), "images_per_prompt": per_prompt, "images": len(checks),
+                          "per_category": dict(Counter(c for ch in checks for c in ch))}
+    log(f"eval: GenEval overall {metrics.get('geneval_overall', float('nan')):.3f} on {len(prompts)} prompts "
+        f"x {per_prompt} images")
+    first = slice(None, None, per_prompt)  # each prompt's first image, for the grid and the samples
 
     # Reconstruction.
     recon_recs = first_records(records, ecfg.num_reconstructions)
@@ -104,13 +119,14 @@ def evaluate_bundle(bundle: Any, data_dir: str | Path, out_dir: str | Path, mode
     details["tokenizer"] = {"images": len(tok_recs), "codebook_size": size}
 
     tiles = [
-        [(im, [p.prompt, "PASS" if all(c.values()) else "FAIL"]) for p, im, c in zip(prompts, generated, checks)][:GRID_COLUMNS],
+        [(im, [p.prompt, "PASS" if all(c.values()) else "FAIL"])
+         for p, im, c in zip(prompts, generated[first], checks[first])][:GRID_COLUMNS],
         [(image_of(q.record), [q.q, f"model: {a}", f"gold: {q.a}"]) for q, a in _one_per_image(questions, answers)],
         [tile for o, im, r in list(zip(originals, recons, recon_recs))[:GRID_COLUMNS // 2]
          for tile in ((o, ["original", r["key"]]), (im, ["reconstruction", r["key"]]))],
     ]
     details["samples"] = {
-        "generation": [{"prompt": p.prompt, "checks": c} for p, c in zip(prompts[:GRID_COLUMNS], checks)],
+        "generation": [{"prompt": p.prompt, "checks": c} for p, c in zip(prompts[:GRID_COLUMNS], checks[first])],
         "vqa": [{"key": q.record["key"], "q": q.q, "answer": a, "gold": q.a} for q, a in zip(questions[:GRID_COLUMNS], answers)],
     }
     write_reports(out_dir, metrics, details, dict(ecfg.thresholds), tiles)
