@@ -9,7 +9,7 @@ hurts the champion is noticed the next morning.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 import flows  # noqa: F401  - environment defaults before Prefect is imported
 from prefect import flow, get_run_logger, task
@@ -84,14 +84,16 @@ def _score_model(ctx: Context, model: str) -> dict[str, Any]:
             "mlflow_run_id": run.info.run_id}
 
 
-def regressions(now: dict[str, float], then: dict[str, float], gated, tolerance: float) -> list[str]:
-    """The gated metrics that dropped by more than `tolerance` since registration. One the model had when
+def regressions(now: dict[str, float], then: dict[str, float], gated, tolerance: float | Callable[[str], float]
+                ) -> list[str]:
+    """The gated metrics that dropped by more than their tolerance since registration (`tolerance`: one for all,
+    or per metric: `EvalConfig.tolerance`). One the model had when
     registered but that cannot be measured now (missing or NaN: e.g. today's data has no questions) counts as
     dropped, as the gate counts a missing metric as a failure."""
     out = []
     for k in sorted(set(gated) & set(then)):
         value = now.get(k, float("nan"))
-        if not value >= then[k] - tolerance:  # also true for NaN
+        if not value >= then[k] - (tolerance(k) if callable(tolerance) else tolerance):  # also true for NaN
             shown = f"{value:.4f} now" if value == value else "not measured now"
             out.append(f"{k}: {then[k]:.4f} when registered -> {shown}")
     return out
@@ -101,8 +103,9 @@ def evaluate_model(settings: RunSettings, model: str, fail_on_regression: bool =
     log = get_run_logger()
     ctx = Context(settings)
     scored = _score_model(ctx, model)
-    tolerance = ctx.cfg.eval.regression_tolerance
-    drops = regressions(scored["metrics"], scored["registered"], ctx.cfg.eval.thresholds, tolerance)
+    ecfg = ctx.cfg.eval
+    drops = regressions(scored["metrics"], scored["registered"], ecfg.thresholds, ecfg.tolerance)
+    tolerance = ", ".join([str(ecfg.regression_tolerance)] + [f"{k} {v}" for k, v in sorted(ecfg.metric_tolerances.items())])
     publish_eval(ctx.store, {"key": scored["key"], "metrics": scored["metrics"]}, dict(ctx.cfg.eval.thresholds),
                  stage=CHAMPION_EVAL)
     verdict = "no gated metric dropped" if not drops else "REGRESSED: " + "; ".join(drops)

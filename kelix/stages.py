@@ -121,6 +121,7 @@ def config_view(cfg: KelixConfig, stage: Stage) -> dict[str, Any]:
         # The gate's thresholds decide promotion, not what evaluation computes.
         view.pop("thresholds", None)
         view.pop("regression_tolerance", None)
+        view.pop("metric_tolerances", None)
     return view
 
 

@@ -403,6 +403,10 @@ def test_the_champion_check_counts_an_unmeasurable_gated_metric_as_a_regression(
     assert regressions({"vqa_accuracy": 0.8}, then, gated, 0.02) == [
         "geneval_overall: 0.5000 when registered -> not measured now"]
     assert regressions({}, {"vqa_accuracy": 0.8}, {"recon_psnr": 18.0}, 0.02) == []  # ungated: not checked
+    assert regressions({"vqa_accuracy": 0.8, "geneval_overall": 0.45}, then, gated, 0.02) == [
+        "geneval_overall: 0.5000 when registered -> 0.4500 now"]
+    per_metric = {"geneval_overall": 0.06}.get
+    assert regressions({"vqa_accuracy": 0.8, "geneval_overall": 0.45}, then, gated, lambda k: per_metric(k, 0.02)) == []
 
 
 def test_the_metrics_table_shows_a_gated_metric_the_evaluation_could_not_measure():

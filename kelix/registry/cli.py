@@ -47,7 +47,8 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     gated = sorted(info["thresholds"])
     print("thresholds: " + ", ".join(f"{k} >= {v}" for k, v in sorted(info["thresholds"].items()))
-          + f"; regression tolerance {info['regression_tolerance']}")
+          + f"; regression tolerance {info['regression_tolerance']}"
+          + "".join(f", {k} {v}" for k, v in sorted(info.get("metric_tolerances", {}).items())))
     for alias, meta in info["aliases"].items():
         lin = meta["lineage"]
         print(f"  @{alias:18s} v{meta['version']:4s} {_fmt_metrics(meta['metrics'], gated)}  "

@@ -2,7 +2,7 @@
 
     register_bundle -> new version, alias `challenger`
     gate            -> every thresholded metric passes cfg.eval.thresholds and none falls more than
-                       cfg.eval.regression_tolerance below the current `champion`
+                       cfg.eval.regression_tolerance (or its metric_tolerances) below the current `champion`
     promote         -> `champion` moves to the version, the old champion keeps `previous-champion`
     rollback        -> `champion` moves back to `previous-champion`
 
@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from kelix.config import KelixConfig
 from kelix.env import user_at_host
@@ -59,23 +60,25 @@ class PromotionResult:
     record_run_id: str | None = None
 
 
-def check_gate(metrics: dict[str, float], thresholds: dict[str, float], tolerance: float,
+def check_gate(metrics: dict[str, float], thresholds: dict[str, float], tolerance: float | Callable[[str], float],
                champion_metrics: dict[str, float] | None = None, champion: str | None = None) -> list[str]:
     """Why a model with `metrics` may not become champion (empty: it may). Higher is better for every
     gated metric; the gated metrics are the thresholded ones, checked against the threshold and against
-    the champion's value minus the tolerance."""
+    the champion's value minus the tolerance (one for all, or per metric: `EvalConfig.tolerance`)."""
+    tolerance_of = tolerance if callable(tolerance) else (lambda _: tolerance)
     failures = []
     for name, threshold in sorted(thresholds.items()):
+        allowed = tolerance_of(name)
         if name not in metrics:
             failures.append(f"{name} is missing from the evaluation metrics (threshold {threshold:.4f})")
             continue
         value = metrics[name]
         if value < threshold:
             failures.append(f"{name} = {value:.4f} is below its threshold {threshold:.4f} by {threshold - value:.4f}")
-        if champion_metrics and name in champion_metrics and value < champion_metrics[name] - tolerance:
+        if champion_metrics and name in champion_metrics and value < champion_metrics[name] - allowed:
             drop = champion_metrics[name] - value
             failures.append(f"{name} = {value:.4f} regresses {drop:.4f} below champion v{champion} "
-                            f"({champion_metrics[name]:.4f}), more than the tolerance {tolerance:.4f}")
+                            f"({champion_metrics[name]:.4f}), more than the tolerance {allowed:.4f}")
     return failures
 
 
@@ -217,7 +220,7 @@ def gate(version: str, cfg: KelixConfig, client=None) -> GateDecision:
     metrics = read_metrics(mv.tags)
     champion = _alias(client, name, CHAMPION)
     champ_metrics = read_metrics(_version(client, name, champion).tags) if champion and champion != str(version) else {}
-    failures = check_gate(metrics, dict(cfg.eval.thresholds), cfg.eval.regression_tolerance, champ_metrics,
+    failures = check_gate(metrics, dict(cfg.eval.thresholds), cfg.eval.tolerance, champ_metrics,
                           champion if champ_metrics else None)
     trained = mv.tags.get("lineage.preset")
     if trained and trained != cfg.preset:
@@ -366,7 +369,8 @@ def status(cfg: KelixConfig) -> dict:
     client = configure()
     name = cfg.eval.model_name
     out: dict = {"model": name, "tracking_uri": tracking_uri(), "thresholds": dict(cfg.eval.thresholds),
-                 "regression_tolerance": cfg.eval.regression_tolerance}
+                 "regression_tolerance": cfg.eval.regression_tolerance,
+                 "metric_tolerances": dict(cfg.eval.metric_tolerances)}
     try:
         client.get_registered_model(name)
     except MlflowException:
