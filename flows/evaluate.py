@@ -105,7 +105,8 @@ def evaluate_model(settings: RunSettings, model: str, fail_on_regression: bool =
     scored = _score_model(ctx, model)
     ecfg = ctx.cfg.eval
     drops = regressions(scored["metrics"], scored["registered"], ecfg.thresholds, ecfg.tolerance)
-    tolerance = ", ".join([str(ecfg.regression_tolerance)] + [f"{k} {v}" for k, v in sorted(ecfg.metric_tolerances.items())])
+    allowed = [str(ecfg.regression_tolerance)] + [f"{k} {v}" for k, v in sorted(ecfg.metric_tolerances.items())]
+    tolerance = ", ".join(allowed)
     publish_eval(ctx.store, {"key": scored["key"], "metrics": scored["metrics"]}, dict(ctx.cfg.eval.thresholds),
                  stage=CHAMPION_EVAL)
     verdict = "no gated metric dropped" if not drops else "REGRESSED: " + "; ".join(drops)
