@@ -25,6 +25,9 @@ class RuntimeConfig:
     # "none" | "ddp" | "fsdp": how the shared training loop shards under torchrun ("none" = ddp when
     # torchrun starts several processes). fsdp shards weights, gradients and optimiser state (kelix/train/loop.py).
     distributed: Literal["none", "ddp", "fsdp"] = "none"
+    # Deterministic torch kernels in every stage (kelix.stages.apply_determinism): a rerun of one config on one
+    # machine, with the same thread count, trains the same weights. Off on small and paper, whose GPU stages keep
+    # the faster kernels.
     deterministic: bool = True
     # torch.compile the LLM's repeated blocks (Qwen3 decoder layers, Block Decoder) while a stage trains: fuses
     # the elementwise work that dominates an eager step on a GPU. Off in every preset until a GPU run measures it
@@ -46,7 +49,7 @@ def runtime_preset(preset: str) -> RuntimeConfig:
     gpus = 1 if preset == "small" else 8
     nodes = 1 if preset == "small" else 4
     return RuntimeConfig(
-        distributed="ddp" if preset == "small" else "fsdp",
+        distributed="ddp" if preset == "small" else "fsdp", deterministic=False,
         # Paper: each of a node's 8 processes parks a whole fp32 copy of the 8.7 B LLM in RAM while its shards
         # train (35 GB each, `kelix plan`'s host column), so a node needs ~300 GB for that alone.
         default_resources=Resources(gpus=gpus, num_nodes=nodes, cpu="16", memory="200Gi" if preset == "small" else "512Gi"),

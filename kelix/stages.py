@@ -17,6 +17,7 @@ import errno
 import hashlib
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -292,6 +293,16 @@ def _lock(stack: contextlib.ExitStack, store: ArtifactStore, name: str, key: str
     return ""
 
 
+def apply_determinism(on: bool) -> None:
+    """`runtime.deterministic`: torch's deterministic kernels, so one config trains the same weights twice on one
+    machine. Without them two runs of tokenizer-1 differed in the 7th digit (CPU kernels whose sums depend on
+    thread timing), and four LLM stages later by 0.05 of test VQA (docs/benchmarks.md, "Same config"). An op with
+    no deterministic kernel warns instead of failing; cuBLAS needs a fixed workspace, set before CUDA starts."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+
+
 @dataclass
 class _Plan:
     """What the store says a stage needs: nothing (`done`), a start over (`restart`) or a run or resume."""
@@ -363,6 +374,7 @@ def _run_stage(stage: Stage, cfg: KelixConfig, data_dir: Path, store: ArtifactSt
     )
     if cfg.runtime.num_threads > 0:
         torch.set_num_threads(cfg.runtime.num_threads)
+    apply_determinism(cfg.runtime.deterministic)
     try:
         metrics = stage.function()(ctx) or {}
     except BaseException as exc:

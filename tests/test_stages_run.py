@@ -2,6 +2,8 @@
 forced try that crashed instead of starting it over again."""
 from __future__ import annotations
 
+import os
+
 from small_config import SMALL
 
 from kelix.artifacts import FAILED, ArtifactStore
@@ -15,19 +17,41 @@ def test_forcing_a_finished_stage_trains_it_again_and_a_crashed_forced_try_resum
     store = str(tmp_path / "store")
     first = run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
     assert not first.skipped and first.metrics["resumed_from_step"] == 0
+    weights = (first.out_dir / "model" / "model.safetensors").read_bytes()
     assert run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False).skipped
 
     # Keys hash config and data, not code: a force (after a code fix) must train again, not resume the finished
     # run's last checkpoint and redo nothing.
     forced = run_stage("tokenizer-1", cfg, tiny_dataset, store, force=True, progress=False)
     assert not forced.skipped and forced.metrics["resumed_from_step"] == 0
-    assert forced.metrics["codebook_loss"] == first.metrics["codebook_loss"]  # the same seeded run, redone
+    # The same seeded run, redone with deterministic kernels (runtime.deterministic): the same weights, bit for bit.
+    assert forced.metrics["codebook_loss"] == first.metrics["codebook_loss"]
+    assert (forced.out_dir / "model" / "model.safetensors").read_bytes() == weights
     assert sorted(p.name for p in (forced.out_dir / "checkpoints").iterdir())[-1] == "step_0000004"
 
     # A forced try that crashed after its last checkpoint is not finished: forcing again resumes it.
     ArtifactStore(store).mark("tokenizer-1", forced.key, FAILED, error="killed")
     again = run_stage("tokenizer-1", cfg, tiny_dataset, store, force=True, progress=False)
     assert not again.skipped and again.metrics["resumed_from_step"] == 4
+
+
+def test_runtime_deterministic_switches_torch_to_deterministic_kernels(monkeypatch):
+    import torch
+
+    from kelix.config import load_config
+    from kelix.stages import apply_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        assert load_config("tiny").runtime.deterministic and not load_config("small").runtime.deterministic
+        apply_determinism(True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # what cuBLAS needs to be deterministic
+        apply_determinism(False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
 def test_a_stage_whose_input_was_rerun_starts_over_and_says_so(tmp_path, tiny_dataset, capsys):
