@@ -84,16 +84,15 @@ def _score_model(ctx: Context, model: str) -> dict[str, Any]:
             "mlflow_run_id": run.info.run_id}
 
 
-def regressions(now: dict[str, float], then: dict[str, float], gated, tolerance: float | Callable[[str], float]
-                ) -> list[str]:
-    """The gated metrics that dropped by more than their tolerance since registration (`tolerance`: one for all,
-    or per metric: `EvalConfig.tolerance`). One the model had when
+def regressions(now: dict[str, float], then: dict[str, float], gated, tolerance: Callable[[str], float]) -> list[str]:
+    """The gated metrics that dropped by more than their tolerance (`EvalConfig.tolerance`) since registration. One
+    the model had when
     registered but that cannot be measured now (missing or NaN: e.g. today's data has no questions) counts as
     dropped, as the gate counts a missing metric as a failure."""
     out = []
     for k in sorted(set(gated) & set(then)):
         value = now.get(k, float("nan"))
-        if not value >= then[k] - (tolerance(k) if callable(tolerance) else tolerance):  # also true for NaN
+        if not value >= then[k] - tolerance(k):  # also true for NaN
             shown = f"{value:.4f} now" if value == value else "not measured now"
             out.append(f"{k}: {then[k]:.4f} when registered -> {shown}")
     return out

@@ -395,15 +395,16 @@ def test_the_champion_check_counts_an_unmeasurable_gated_metric_as_a_regression(
 
     then = {"vqa_accuracy": 0.8, "geneval_overall": 0.5, "recon_psnr": 20.0}
     gated = {"vqa_accuracy": 0.5, "geneval_overall": 0.2}
-    assert regressions({"vqa_accuracy": 0.79, "geneval_overall": 0.5}, then, gated, 0.02) == []
-    assert regressions({"vqa_accuracy": 0.7, "geneval_overall": 0.5}, then, gated, 0.02) == [
+    flat = lambda _: 0.02  # noqa: E731
+    assert regressions({"vqa_accuracy": 0.79, "geneval_overall": 0.5}, then, gated, flat) == []
+    assert regressions({"vqa_accuracy": 0.7, "geneval_overall": 0.5}, then, gated, flat) == [
         "vqa_accuracy: 0.8000 when registered -> 0.7000 now"]
-    assert regressions({"geneval_overall": 0.5, "vqa_accuracy": float("nan")}, then, gated, 0.02) == [
+    assert regressions({"geneval_overall": 0.5, "vqa_accuracy": float("nan")}, then, gated, flat) == [
         "vqa_accuracy: 0.8000 when registered -> not measured now"]
-    assert regressions({"vqa_accuracy": 0.8}, then, gated, 0.02) == [
+    assert regressions({"vqa_accuracy": 0.8}, then, gated, flat) == [
         "geneval_overall: 0.5000 when registered -> not measured now"]
-    assert regressions({}, {"vqa_accuracy": 0.8}, {"recon_psnr": 18.0}, 0.02) == []  # ungated: not checked
-    assert regressions({"vqa_accuracy": 0.8, "geneval_overall": 0.45}, then, gated, 0.02) == [
+    assert regressions({}, {"vqa_accuracy": 0.8}, {"recon_psnr": 18.0}, flat) == []  # ungated: not checked
+    assert regressions({"vqa_accuracy": 0.8, "geneval_overall": 0.45}, then, gated, flat) == [
         "geneval_overall: 0.5000 when registered -> 0.4500 now"]
     per_metric = {"geneval_overall": 0.06}.get
     assert regressions({"vqa_accuracy": 0.8, "geneval_overall": 0.45}, then, gated, lambda k: per_metric(k, 0.02)) == []

@@ -303,7 +303,7 @@ def test_racing_promotions_processes(registry, tmp_path):
 
 
 def test_check_gate_reports_missing_metrics():
-    failures = check_gate({"vqa_accuracy": 0.9}, {"vqa_accuracy": 0.5, "geneval_overall": 0.2}, 0.02)
+    failures = check_gate({"vqa_accuracy": 0.9}, {"vqa_accuracy": 0.5, "geneval_overall": 0.2}, lambda _: 0.02)
     assert failures == ["geneval_overall is missing from the evaluation metrics (threshold 0.2000)"]
 
 
@@ -317,7 +317,7 @@ def test_check_gate_takes_a_tolerance_per_metric():
     champion = {"vqa_accuracy": 0.90, "geneval_overall": 0.30}
     within = {"vqa_accuracy": 0.89, "geneval_overall": 0.25}  # 0.01 and 0.05 below the champion
     assert check_gate(within, thresholds, ecfg.tolerance, champion, "1") == []
-    assert check_gate(within, thresholds, 0.02, champion, "1") == [
+    assert check_gate(within, thresholds, lambda _: 0.02, champion, "1") == [
         "geneval_overall = 0.2500 regresses 0.0500 below champion v1 (0.3000), more than the tolerance 0.0200"]
     beyond = {"vqa_accuracy": 0.87, "geneval_overall": 0.23}
     assert check_gate(beyond, thresholds, ecfg.tolerance, champion, "1") == [

@@ -27,9 +27,22 @@ def sh(*cmd: str, cwd: Path) -> str:
 
 
 def test_compare_metrics():
-    rows = compare_metrics({"a": 0.5, "b": 0.7, "gone": 1.0}, {"a": 0.51, "b": 0.75, "new": 2.0}, tolerance=0.02)
+    rows = compare_metrics({"a": 0.5, "b": 0.7, "gone": 1.0}, {"a": 0.51, "b": 0.75, "new": 2.0}, lambda _: 0.02)
     assert [(r.name, r.ok) for r in rows] == [("a", True), ("b", False), ("gone", False), ("new", False)]
     assert rows[0].diff == pytest.approx(0.01) and rows[1].diff == pytest.approx(0.05)
+
+
+def test_compare_metrics_uses_each_metrics_tolerance_relative_above_one():
+    """GenEval keeps its own tolerance; PSNR (dB) moves relative to its size, not by 0.02 dB."""
+    from kelix.eval.config import EvalConfig
+
+    ecfg = EvalConfig(regression_tolerance=0.02, metric_tolerances={"geneval_overall": 0.05})
+    recorded = {"geneval_overall": 0.25, "vqa_accuracy": 0.90, "recon_psnr": 22.0}
+    rows = compare_metrics(recorded, {"geneval_overall": 0.29, "vqa_accuracy": 0.89, "recon_psnr": 21.7}, ecfg.tolerance)
+    assert [(r.name, r.allowed, r.ok) for r in rows] == [
+        ("geneval_overall", 0.05, True), ("recon_psnr", pytest.approx(0.44), True), ("vqa_accuracy", 0.02, True)]
+    rows = compare_metrics(recorded, {"geneval_overall": 0.19, "vqa_accuracy": 0.87, "recon_psnr": 21.5}, ecfg.tolerance)
+    assert [r.ok for r in rows] == [False, False, False]
 
 
 def test_check_code_warns_on_other_commit(monkeypatch):

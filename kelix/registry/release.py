@@ -60,15 +60,14 @@ class PromotionResult:
     record_run_id: str | None = None
 
 
-def check_gate(metrics: dict[str, float], thresholds: dict[str, float], tolerance: float | Callable[[str], float],
+def check_gate(metrics: dict[str, float], thresholds: dict[str, float], tolerance: Callable[[str], float],
                champion_metrics: dict[str, float] | None = None, champion: str | None = None) -> list[str]:
     """Why a model with `metrics` may not become champion (empty: it may). Higher is better for every
     gated metric; the gated metrics are the thresholded ones, checked against the threshold and against
-    the champion's value minus the tolerance (one for all, or per metric: `EvalConfig.tolerance`)."""
-    tolerance_of = tolerance if callable(tolerance) else (lambda _: tolerance)
+    the champion's value minus the metric's tolerance (`EvalConfig.tolerance`)."""
     failures = []
     for name, threshold in sorted(thresholds.items()):
-        allowed = tolerance_of(name)
+        allowed = tolerance(name)
         if name not in metrics:
             failures.append(f"{name} is missing from the evaluation metrics (threshold {threshold:.4f})")
             continue
