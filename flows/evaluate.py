@@ -85,10 +85,9 @@ def _score_model(ctx: Context, model: str) -> dict[str, Any]:
 
 
 def regressions(now: dict[str, float], then: dict[str, float], gated, tolerance: Callable[[str], float]) -> list[str]:
-    """The gated metrics that dropped by more than their tolerance (`EvalConfig.tolerance`) since registration. One
-    the model had when
-    registered but that cannot be measured now (missing or NaN: e.g. today's data has no questions) counts as
-    dropped, as the gate counts a missing metric as a failure."""
+    """The gated metrics that dropped by more than their tolerance (`EvalConfig.tolerance`) since registration.
+    One the model had when registered but that cannot be measured now (missing or NaN: e.g. today's data has no
+    questions) counts as dropped, as the gate counts a missing metric as a failure."""
     out = []
     for k in sorted(set(gated) & set(then)):
         value = now.get(k, float("nan"))
