@@ -27,7 +27,8 @@ from kelix.artifacts import ArtifactStore
 from kelix.config import load_config
 from kelix.runners import (ImagePullError, StageConfigError, StageDeadlineExceeded, StageFailed, StageOOMKilled,
                            TransientStageError, is_transient)
-from kelix.runners.kubernetes import COMPLETION_INDEX, KubernetesRunner, StageJobConflict, StageStartTimeout
+from kelix.runners.job_status import COMPLETION_INDEX
+from kelix.runners.kubernetes import KubernetesRunner, StageJobConflict, StageStartTimeout
 from kelix.runners.manifests import DATA_STAGE, LABEL_JOB, PARAMS_ENV
 
 BUCKET = "kelix-test"

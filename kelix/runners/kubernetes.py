@@ -7,24 +7,22 @@ logs into the flow's log (reconnecting a dropped stream), and turns the ways a J
 can act on: OOMKilled, an image that cannot be pulled, a missing Secret, a deadline, a pod that never starts, and
 eviction or preemption, which raise `TransientStageError` so the flow's retry reruns the stage and it resumes
 from its checkpoint on the shared volume. A cancelled run deletes its Job. Stage outputs stay in the (remote)
-artifact store; nothing large is downloaded here.
+artifact store; nothing large is downloaded here. Reading the Job's and pods' status is `job_status.py`,
+following their logs `pod_logs.py`.
 """
 from __future__ import annotations
 
 import asyncio
-import collections
-import datetime
 import json
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from kelix.env import user_at_host
 from kelix.rerun import BUSY_PHRASE, EXIT_BUSY, force_cutoff, up_to_date
-from kelix.runners import manifests
+from kelix.runners import job_status, manifests, pod_logs
 from kelix.runners.base import (ImagePullError, StageConfigError, StageDeadlineExceeded, StageFailed, StageOOMKilled,
                                 TransientStageError, check_inputs, finished_result, is_transient, marker_error,
                                 params_yaml, skipped_result, stage_logger)
@@ -34,15 +32,6 @@ if TYPE_CHECKING:
     from kelix.stages import StageResult
     from kelix.tracking import StageRun
 
-IMAGE_PULL_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
-CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError"}
-DISRUPTION_REASONS = {"Evicted", "Preempting", "PreemptionByScheduler", "EvictionByEvictionAPI",
-                      "DeletionByTaintManager", "TerminationByKubelet", "DeletionByPodGC", "NodeLost", "Shutdown"}
-COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-# A resumed log stream asks for this much more than it lost; the repeated lines are skipped by timestamp.
-LOG_RESUME_SLACK = 30
-# RFC 3339 at the start of a line, as the kubelet writes it with timestamps=True, then one space.
-_TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d) ")
 
 
 class StageStartTimeout(StageFailed):
@@ -225,20 +214,21 @@ class KubernetesRunner:
         job = objs[0]
         jname, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
         existing = self._json(self.batch.read_namespaced_job, jname, namespace)
-        if existing is not None and _live(existing):
-            if not _same_work(existing, job):
+        if existing is not None and job_status.live(existing):
+            if not job_status.same_work(existing, job):
                 # Another run's Job (the name is only stage and key): following it would wait for work this
                 # run did not ask for, and deleting it (even with force) would kill someone else's stage.
                 raise _conflict(existing, job)
             cutoff = force_cutoff(force)
-            if cutoff is None or _created_at(existing) >= cutoff:
+            if cutoff is None or job_status.created_at(existing) >= cutoff:
                 # A previous orchestrator started it and is gone, or this run's own forced Job (a retry after
                 # an API blip): follow it instead of starting over.
                 log.info("attaching to running job %s/%s", namespace, jname)
                 self._ensure_services(objs, existing, log)
                 return
         if existing is not None:
-            what = "finished" if job_state(existing) else "running" if _live(existing) else "deleted"
+            what = ("finished" if job_status.job_state(existing) else "running" if job_status.live(existing)
+                    else "deleted")
             log.info("replacing %s job %s/%s", what, namespace, jname)
             self._delete_job(jname, namespace, wait=True)
         # Another run may create a Job of this name between our read and our create: that is a conflict.
@@ -273,7 +263,7 @@ class KubernetesRunner:
         waited = False
         while True:
             existing = self._json(self.core.read_namespaced_service, name, namespace)
-            if existing is not None and _owned_by(existing, uid):
+            if existing is not None and job_status.owned_by(existing, uid):
                 return
             if existing is None:
                 try:
@@ -294,7 +284,7 @@ class KubernetesRunner:
         """Transient: the garbage collector is usually just slow; a rerun attaches to the Job and tries again."""
         meta = service["metadata"]
         name, namespace = meta["name"], meta["namespace"]
-        owners = sorted(_owner_uids(service), key=str)
+        owners = sorted(job_status.owner_uids(service), key=str)
         return TransientStageError(
             f"service {namespace}/{name}, which the pods of job {namespace}/{name} need for their rendezvous, is "
             f"left from an earlier job (owner uids {owners or 'none'}, not this job's {uid}) and was not removed "
@@ -316,11 +306,12 @@ class KubernetesRunner:
             return json.loads(self._call(create, namespace, body, _preload_content=False).data)
         except ApiException as exc:
             existing = self._json(read, body["metadata"]["name"], namespace) if exc.status == 409 else None
-            if existing is not None and other_work is not None and not _same_work(existing, body):
+            if existing is not None and other_work is not None and not job_status.same_work(existing, body):
                 raise other_work(existing) from exc
             meta = (existing or {}).get("metadata") or {}
-            if (existing is None or meta.get("deletionTimestamp") or _owner_uids(existing) != _owner_uids(body)
-                    or not _same_work(existing, body)):
+            if (existing is None or meta.get("deletionTimestamp")
+                    or job_status.owner_uids(existing) != job_status.owner_uids(body)
+                    or not job_status.same_work(existing, body)):
                 raise
             return existing
 
@@ -360,11 +351,11 @@ class KubernetesRunner:
         # Filter again: the selector is the server's job, but a lax server (or test double) may ignore it.
         pods = [p for p in listing.get("items", [])
                 if (p.get("metadata", {}).get("labels") or {}).get(manifests.LABEL_JOB) == jname
-                and (uid is None or uid in _owner_uids(p))]
+                and (uid is None or uid in job_status.owner_uids(p))]
         return sorted(pods, key=lambda p: p["metadata"]["name"])
 
     def _wait(self, name: str, key: str, jname: str, namespace: str, store: Any, log: Any) -> None:
-        followers: dict[str, _LogFollower] = {}
+        followers: dict[str, pod_logs.LogFollower] = {}
         stuck_since: dict[str, float] = {}
         pending_since: dict[str, float] = {}
         warned: set[str] = set()
@@ -378,20 +369,20 @@ class KubernetesRunner:
                 pods = self._pods(jname, namespace, job["metadata"].get("uid"))
                 for pod in pods:
                     self._inspect_pod(name, jname, namespace, pod, followers, stuck_since, warned, log)
-                state = job_state(job)
+                state = job_status.job_state(job)
                 if state == "Complete":
-                    _drain(followers)
+                    pod_logs.drain(followers)
                     log.info("job %s/%s completed", namespace, jname)
                     return
                 if state == "Failed":
-                    _drain(followers)
+                    pod_logs.drain(followers)
                     fetched = self._missing_tails(namespace, pods, followers, log)
-                    raise self._failure(name, key, job, pods, _tails(followers, fetched), store)
+                    raise self._failure(name, key, job, pods, pod_logs.tails(followers, fetched), store)
                 if self.timeout and time.monotonic() - start > self.timeout:
                     self._delete_job(jname, namespace)
                     raise StageDeadlineExceeded(
                         f"stage {name}: job {namespace}/{jname} did not finish within {self.timeout:g} s; deleted it",
-                        stage=name, logs=_tails(followers))
+                        stage=name, logs=pod_logs.tails(followers))
                 self._check_started(name, jname, namespace, pods, pending_since)
                 self._sleep(self.poll_interval)
         finally:
@@ -399,7 +390,7 @@ class KubernetesRunner:
                 f.stop()
 
     def _inspect_pod(self, name: str, jname: str, namespace: str, pod: dict[str, Any],
-                     followers: dict[str, "_LogFollower"], stuck_since: dict[str, float], warned: set[str],
+                     followers: dict[str, "pod_logs.LogFollower"], stuck_since: dict[str, float], warned: set[str],
                      log: Any) -> None:
         pname = pod["metadata"]["name"]
         status = pod.get("status") or {}
@@ -407,7 +398,7 @@ class KubernetesRunner:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and pname not in warned:
                 warned.add(pname)
                 log.warning("%s: pod %s is not scheduled yet: %s", name, pname, cond.get("message") or cond.get("reason"))
-        if status.get("phase") == "Failed" and _disrupted(pod) and f"{pname}/disrupted" not in warned:
+        if status.get("phase") == "Failed" and job_status.disrupted(pod) and f"{pname}/disrupted" not in warned:
             warned.add(f"{pname}/disrupted")
             log.warning("%s: pod %s was evicted or preempted (%s); the stage resumes from its last checkpoint",
                         name, pname, status.get("message") or status.get("reason"))
@@ -415,12 +406,12 @@ class KubernetesRunner:
             state = cs.get("state") or {}
             waiting = state.get("waiting") or {}
             reason = waiting.get("reason")
-            if reason in IMAGE_PULL_REASONS | CONFIG_REASONS:
+            if reason in job_status.IMAGE_PULL_REASONS | job_status.CONFIG_REASONS:
                 since = stuck_since.setdefault(f"{pname}/{reason}", time.monotonic())
                 if time.monotonic() - since >= self.image_pull_grace:
                     self._delete_job(jname, namespace)
                     detail = waiting.get("message") or reason
-                    if reason in IMAGE_PULL_REASONS:
+                    if reason in job_status.IMAGE_PULL_REASONS:
                         raise ImagePullError(
                             f"stage {name}: pod {pname} cannot pull image {cs.get('image')!r} ({reason}: {detail}); "
                             "check runtime.image and the registry credentials. Deleted job "
@@ -432,13 +423,13 @@ class KubernetesRunner:
             elif state.get("running") or state.get("terminated"):
                 self._follow(name, namespace, pname, followers, bool(state.get("running")), log)
 
-    def _follow(self, name: str, namespace: str, pname: str, followers: dict[str, "_LogFollower"], running: bool,
-                log: Any) -> None:
+    def _follow(self, name: str, namespace: str, pname: str, followers: dict[str, "pod_logs.LogFollower"],
+                running: bool, log: Any) -> None:
         """Follow a pod's log. When its stream ended while the container still runs (an API server restart, a
         load balancer's idle timeout), follow it again from where it stopped, up to `log_resumes` times."""
         old = followers.get(pname)
         if old is None:
-            follower = _LogFollower(self.core, pname, namespace, log, f"{name}/{pname}", self.tail_lines)
+            follower = pod_logs.LogFollower(self.core, pname, namespace, log, f"{name}/{pname}", self.tail_lines)
         elif not running or old.is_alive() or old.gave_up:
             return
         elif old.resumes >= self.log_resumes or not old.resumable:
@@ -460,7 +451,7 @@ class KubernetesRunner:
             return
         now = time.monotonic()
         # Keyed by pod name; "" while the Job has no pod at all. A pod that started leaves the count.
-        waiting = {"": None} if not pods else {p["metadata"]["name"]: p for p in pods if _not_started(p)}
+        waiting = {"": None} if not pods else {p["metadata"]["name"]: p for p in pods if job_status.not_started(p)}
         for k in set(pending_since) - set(waiting):
             del pending_since[k]
         for k, pod in waiting.items():
@@ -472,18 +463,18 @@ class KubernetesRunner:
                         f"ResourceQuota may refuse it: kubectl describe job -n {namespace} {jname})")
             else:
                 what = (f"pod {pod['metadata']['name']} did not start within {self.schedule_timeout:g} s "
-                        f"({_why_pending(pod)})")
+                        f"({job_status.why_pending(pod)})")
             raise StageStartTimeout(
                 f"stage {name}: {what}; check the namespace's GPU quota and that runtime.node_selector and "
                 f"runtime.tolerations match a node with free GPUs, or raise the runner's schedule_timeout if the "
                 f"cluster is just busy. Deleted job {namespace}/{jname}.", stage=name)
 
-    def _missing_tails(self, namespace: str, pods: list[dict[str, Any]], followers: dict[str, "_LogFollower"],
+    def _missing_tails(self, namespace: str, pods: list[dict[str, Any]], followers: dict[str, "pod_logs.LogFollower"],
                        log: Any) -> dict[str, list[str]]:
         """The last lines of each failed pod whose log stream gave none (it dropped, or the pod failed between
         two polls), read once without following, so the error still shows why the stage failed."""
         fetched: dict[str, list[str]] = {}
-        for pod in _newest(pods):
+        for pod in job_status.newest(pods):
             pname = pod["metadata"]["name"]
             if (pod.get("status") or {}).get("phase") != "Failed" or (pname in followers and followers[pname].tail):
                 continue
@@ -508,8 +499,8 @@ class KubernetesRunner:
                                          stage=name, logs=logs)
         # A replaced pod (preempted, ignored by the podFailurePolicy) stays listed; the Job failed because of
         # its replacement, so only the newest pod of each completion index tells why.
-        pods = _newest(pods)
-        terminated = [t for pod in pods for t in _terminations(pod)]
+        pods = job_status.newest(pods)
+        terminated = [t for pod in pods for t in job_status.terminations(pod)]
         for t in terminated:
             if t.get("reason") == "OOMKilled":
                 limit = job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"].get("memory")
@@ -517,7 +508,7 @@ class KubernetesRunner:
                     f"{where}: the container was OOMKilled at its memory limit {limit}; raise "
                     f"runtime.resources.{name}.memory (e.g. --set 'runtime.resources={{\"{name}\": {{\"memory\": "
                     f"\"64Gi\"}}}}') or lower the stage's batch size{tail}", stage=name, logs=logs)
-        if any(_disrupted(pod) for pod in pods):
+        if any(job_status.disrupted(pod) for pod in pods):
             return TransientStageError(f"{where}: its pod was evicted or preempted; a rerun resumes from the last "
                                        f"checkpoint{tail}", stage=name, logs=logs)
         codes = sorted({t.get("exitCode") for t in terminated if t.get("exitCode") is not None})
@@ -538,59 +529,11 @@ class KubernetesRunner:
                            stage=name, logs=logs)
 
 
-def job_state(job: dict[str, Any]) -> str | None:
-    """"Complete", "Failed" or None (still running) from a Job's status."""
-    status = job.get("status") or {}
-    for cond in status.get("conditions") or []:
-        if cond.get("status") != "True":
-            continue
-        if cond.get("type") in ("Complete", "SuccessCriteriaMet"):
-            return "Complete"
-        if cond.get("type") == "Failed":
-            return "Failed"
-    completions = (job.get("spec") or {}).get("completions") or 1
-    if (status.get("succeeded") or 0) >= completions:
-        return "Complete"
-    return None
-
-
-def _created_at(obj: dict[str, Any]) -> float:
-    """An object's creationTimestamp as a Unix time (0 when it has none, e.g. a lax test double)."""
-    stamp = obj["metadata"].get("creationTimestamp")
-    if not stamp:
-        return 0.0
-    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-
-
-def _live(job: dict[str, Any]) -> bool:
-    """Still running and not being deleted."""
-    return job_state(job) is None and not (job.get("metadata") or {}).get("deletionTimestamp")
-
-
-def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
-    """Not being deleted, and owned by the object with this uid (any owner when the uid is unknown)."""
-    return not (obj.get("metadata") or {}).get("deletionTimestamp") and (uid is None or uid in _owner_uids(obj))
-
-
-def _owner_uids(obj: dict[str, Any]) -> set[str | None]:
-    return {r.get("uid") for r in (obj.get("metadata") or {}).get("ownerReferences") or []}
-
-
-def _annotations(obj: dict[str, Any]) -> dict[str, str]:
-    return (obj.get("metadata") or {}).get("annotations") or {}
-
-
-def _same_work(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    """Whether an existing object does the work `wanted` describes. A Job without the annotation (started by
-    an older kelix) cannot be told apart from another run's, so it does not count as the same."""
-    return _annotations(existing).get(manifests.ANNOTATION_WORK) == _annotations(wanted).get(manifests.ANNOTATION_WORK)
-
-
 def _conflict(existing: dict[str, Any], job: dict[str, Any]) -> "StageJobConflict":
-    meta, mine = existing["metadata"], _annotations(job)
+    meta, mine = existing["metadata"], job_status.annotations(job)
     jname, namespace = meta["name"], meta.get("namespace") or job["metadata"]["namespace"]
     labels = meta.get("labels") or {}
-    theirs = _annotations(existing)
+    theirs = job_status.annotations(existing)
     if manifests.ANNOTATION_WORK in theirs:
         whose = (f"started by {theirs.get(manifests.ANNOTATION_STARTED_BY, 'an unknown user')} for artifacts "
                  f"{theirs.get(manifests.ANNOTATION_ARTIFACTS)}, image {theirs.get(manifests.ANNOTATION_IMAGE)}, "
@@ -608,182 +551,9 @@ def _conflict(existing: dict[str, Any], job: dict[str, Any]) -> "StageJobConflic
         f"run in another namespace (--set runtime.namespace=NAME)", stage=stage)
 
 
-def _terminations(pod: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        for state in (cs.get("state") or {}, cs.get("lastState") or {}):
-            if state.get("terminated"):
-                out.append(state["terminated"])
-    return out
-
-
-def _disrupted(pod: dict[str, Any]) -> bool:
-    status = pod.get("status") or {}
-    if status.get("reason") in DISRUPTION_REASONS:
-        return True
-    return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
-               for c in status.get("conditions") or [])
-
-
-def _newest(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The newest pod(s) of each completion index (all pods of a non-indexed Job share one index)."""
-    def index(pod: dict[str, Any]) -> str | None:
-        meta = pod["metadata"]
-        return (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (meta.get("labels") or {}).get(COMPLETION_INDEX)
-
-    def created(pod: dict[str, Any]) -> str:
-        # RFC 3339 in UTC as the API server writes it: the strings order like the times. Whole seconds, so
-        # ties keep every tied pod; without timestamps (a lax test double) every pod counts.
-        return pod["metadata"].get("creationTimestamp") or ""
-
-    latest: dict[str | None, str] = {}
-    for pod in pods:
-        latest[index(pod)] = max(latest.get(index(pod), ""), created(pod))
-    return [pod for pod in pods if created(pod) == latest[index(pod)]]
-
-
-def _not_started(pod: dict[str, Any]) -> bool:
-    """Still Pending (unscheduled or creating its container), not being deleted, and not waiting on an image
-    pull or a missing Secret, which have their own, shorter, grace (`image_pull_grace`)."""
-    status = pod.get("status") or {}
-    if pod["metadata"].get("deletionTimestamp") or status.get("phase") not in (None, "", "Pending"):
-        return False
-    for cs in status.get("containerStatuses") or []:
-        state = cs.get("state") or {}
-        if state.get("running") or state.get("terminated"):
-            return False
-        if (state.get("waiting") or {}).get("reason") in IMAGE_PULL_REASONS | CONFIG_REASONS:
-            return False
-    return True
-
-
-def _why_pending(pod: dict[str, Any]) -> str:
-    """The scheduler's or kubelet's word on why a pod has not started."""
-    status = pod.get("status") or {}
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-            return f"{cond.get('reason') or 'Unschedulable'}: {cond.get('message') or 'no reason given'}"
-    for cs in status.get("containerStatuses") or []:
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        if waiting:
-            return ": ".join(filter(None, (waiting.get("reason"), waiting.get("message"))))
-    return status.get("message") or status.get("reason") or "Pending"
-
-
 def _cancellations() -> tuple[type[BaseException], ...]:
     """What cancels a run: Ctrl-C, a cancelled asyncio task, and a Prefect cancellation. Prefect's type is
     looked up only if prefect is already imported (it is slow to import, and nothing else raises it)."""
     kinds: tuple[type[BaseException], ...] = (KeyboardInterrupt, asyncio.CancelledError)
     signal = getattr(sys.modules.get("prefect.exceptions"), "TerminationSignal", None)
     return kinds + (signal,) if isinstance(signal, type) else kinds
-
-
-def _drain(followers: dict[str, "_LogFollower"]) -> None:
-    for f in followers.values():
-        f.join(timeout=10)
-
-
-def _tails(followers: dict[str, "_LogFollower"], fetched: dict[str, list[str]] | None = None) -> str:
-    """The followers' last lines, with those `fetched` for pods whose follower got none."""
-    tails = {name: list(f.tail) for name, f in followers.items()}
-    tails.update(fetched or {})
-    return "\n".join(f"[{name}] {line}" for name, lines in tails.items() for line in lines)
-
-
-def _split_timestamp(line: str) -> tuple[tuple[int, int] | None, str]:
-    """The kubelet's timestamp (asked for with timestamps=True) as (epoch seconds, nanoseconds), and the line
-    without it. None when the line has none (a server that ignored the option)."""
-    match = _TIMESTAMP.match(line)
-    if not match:
-        return None, line
-    zone = "+00:00" if match[3] == "Z" else match[3]
-    seconds = int(datetime.datetime.fromisoformat(match[1] + zone).timestamp())
-    return (seconds, int((match[2] or "0").ljust(9, "0"))), line[match.end():]
-
-
-class _LogFollower(threading.Thread):
-    """Streams one pod's log into the flow's logger (follow=True until the container ends).
-
-    Lines come with the kubelet's timestamps, so a follower that takes over after a dropped stream (`resumed`)
-    asks only for the last while (since_seconds) and skips the lines already emitted: those older than the
-    last one, and as many of its own time as were emitted.
-    """
-
-    def __init__(self, core: Any, pod: str, namespace: str, log: Any, prefix: str, tail_lines: int,
-                 after: "_LogFollower | None" = None):
-        super().__init__(name=f"logs-{pod}", daemon=True)
-        self.core, self.pod, self.namespace, self.log, self.prefix = core, pod, namespace, log, prefix
-        self.tail: collections.deque[str] = after.tail if after else collections.deque(maxlen=tail_lines)
-        self.resumes = after.resumes + 1 if after else 0
-        # The kubelet's time of the last whole line emitted, how many lines had that time, and when the last
-        # one arrived (monotonic): where a resumed stream picks up.
-        self.last: tuple[int, int] | None = after.last if after else None
-        self.at_last = after.at_last if after else 0
-        self.last_at = after.last_at if after else 0.0
-        self._repeats = self.at_last  # lines of time `last` the resumed stream sends again
-        self.error: Exception | None = None
-        self.gave_up = False
-        self._resp: Any = None
-
-    def resumed(self) -> "_LogFollower":
-        """A follower (not started) that continues this one's ended stream."""
-        return _LogFollower(self.core, self.pod, self.namespace, self.log, self.prefix, self.tail.maxlen or 0, self)
-
-    @property
-    def resumable(self) -> bool:
-        """False when the API server refused the stream (403, 404...): asking again would not help."""
-        status = getattr(self.error, "status", None)
-        return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
-
-    def _since(self) -> dict[str, int]:
-        if self.last is None:
-            return {}  # nothing emitted yet: all of it
-        # Generous, as repeated lines are skipped but missed ones are lost: the longer of the time since the
-        # last line arrived and its age by its own timestamp (the stream may have stalled before it dropped),
-        # plus slack for the clocks of this host and the node.
-        lag = max(time.monotonic() - self.last_at, time.time() - self.last[0])
-        return {"since_seconds": int(lag) + LOG_RESUME_SLACK}
-
-    def run(self) -> None:
-        try:
-            self._resp = self.core.read_namespaced_pod_log(self.pod, self.namespace, container=manifests.CONTAINER,
-                                                           follow=True, timestamps=True, _preload_content=False,
-                                                           **self._since())
-            buf = b""
-            for chunk in self._resp.stream(4096):
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    self._line(line)
-            if buf:
-                self._line(buf, whole=False)
-        except Exception as exc:  # noqa: BLE001 - a lost log stream must not fail the stage
-            self.error = exc
-            if self._resp is not False:
-                self.log.warning("[%s] log stream ended: %s", self.prefix, exc)
-
-    def _line(self, raw: bytes, whole: bool = True) -> None:
-        when, line = _split_timestamp(raw.decode(errors="replace").rstrip("\r"))
-        if when is not None and self.last is not None:
-            if when < self.last:
-                return
-            if when == self.last and self._repeats > 0:
-                self._repeats -= 1
-                return
-        # A line cut off by a dropped stream is emitted but not counted: the resumed stream sends it whole.
-        if when is not None and whole:
-            self.at_last = self.at_last + 1 if when == self.last else 1
-            self.last, self.last_at = when, time.monotonic()
-        self._emit(line)
-
-    def _emit(self, line: str) -> None:
-        self.tail.append(line)
-        self.log.info("[%s] %s", self.prefix, line)
-
-    def stop(self) -> None:
-        resp, self._resp = self._resp, False
-        if resp:
-            try:
-                resp.close()
-            except Exception:  # noqa: BLE001
-                pass
