@@ -23,9 +23,9 @@ def drain(followers: dict[str, "LogFollower"]) -> None:
 
 def tails(followers: dict[str, "LogFollower"], fetched: dict[str, list[str]] | None = None) -> str:
     """The followers' last lines, with those `fetched` for pods whose follower got none."""
-    tails = {name: list(f.tail) for name, f in followers.items()}
-    tails.update(fetched or {})
-    return "\n".join(f"[{name}] {line}" for name, lines in tails.items() for line in lines)
+    by_pod = {name: list(f.tail) for name, f in followers.items()}
+    by_pod.update(fetched or {})
+    return "\n".join(f"[{name}] {line}" for name, lines in by_pod.items() for line in lines)
 
 
 def split_timestamp(line: str) -> tuple[tuple[int, int] | None, str]:
