@@ -81,7 +81,7 @@ def bench_sampling(cfg, cond_dim: int, positions: int, steps: int, repeats: int)
 
 def _stage_dirs(cfg, data: Path, artifacts: str) -> dict[str, Path]:
     from kelix.artifacts import ArtifactStore
-    from kelix.stages import data_fingerprint, stage_keys
+    from kelix.stages.keys import data_fingerprint, stage_keys
 
     store = ArtifactStore(artifacts)
     keys = stage_keys(cfg, data_fingerprint(data))

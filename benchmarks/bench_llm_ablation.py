@@ -29,7 +29,8 @@ from kelix.llm import stages  # noqa: E402
 from kelix.llm.corpus import encode_split  # noqa: E402
 from kelix.llm.evaluate import teacher_forced_losses, vqa_accuracy  # noqa: E402
 from kelix.llm.model import KelixLLM  # noqa: E402
-from kelix.stages import StageContext, resolve_device, run_stage  # noqa: E402
+from kelix.stages.catalogue import StageContext  # noqa: E402
+from kelix.stages.run import resolve_device, run_stage  # noqa: E402
 from kelix.text import TextTokenizer  # noqa: E402
 from kelix.train.metrics import MetricLogger  # noqa: E402
 

@@ -7,7 +7,7 @@ wall time of a pipeline rerun with nothing changed.
 
 Trivial mode swaps every catalogue entry for a stage that writes one file (same names, inputs and keys),
 then measures, each in a fresh artifact store:
-  direct    `kelix.stages.run_stage` for the 11 stages in order (the floor: keys, markers, metrics file)
+  direct    `kelix.stages.run.run_stage` for the 11 stages in order (the floor: keys, markers, metrics file)
   flow      the same 11 stages as Prefect tasks through `flows.common.run_stages` (task runs, MLflow runs,
             the runner), inside one flow; overhead per stage = (flow - direct) / 11
   rerun     `kelix_pipeline` a second time with nothing changed (release off: no model in trivial mode)
@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flows  # noqa: E402,F401  - environment defaults before Prefect
 
-import kelix.stages as stages  # noqa: E402
+import kelix.stages.catalogue as catalogue  # noqa: E402
+from kelix.stages.run import run_stage  # noqa: E402
 
 
 def trivial_stage(ctx) -> dict[str, float]:
@@ -55,8 +56,8 @@ def bench_trivial(work: Path, repeats: int) -> dict:
     from flows.pipeline import kelix_pipeline
     from kelix.config import load_config
 
-    stages.STAGES = {n: dataclasses.replace(s, entry=f"{__name__}:trivial_stage") for n, s in stages.STAGES.items()}
-    names = list(stages.STAGES)
+    catalogue.STAGES = {n: dataclasses.replace(s, entry=f"{__name__}:trivial_stage") for n, s in catalogue.STAGES.items()}
+    names = list(catalogue.STAGES)
     data = _dataset(work)
     cfg = load_config("tiny", overrides=OVERRIDES)
     mlflow_uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -81,7 +82,7 @@ def bench_trivial(work: Path, repeats: int) -> dict:
     for i in range(repeats):
         t0 = time.perf_counter()
         for name in names:
-            stages.run_stage(name, cfg, data, str(work / f"direct-{i}"), progress=False)
+            run_stage(name, cfg, data, str(work / f"direct-{i}"), progress=False)
         direct.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         stages_flow(str(work / f"flow-{i}"))

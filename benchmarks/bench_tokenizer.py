@@ -29,7 +29,7 @@ apply_env_defaults()
 import torch  # noqa: E402
 
 from kelix.config import load_config  # noqa: E402
-from kelix.stages import run_stage  # noqa: E402
+from kelix.stages.run import run_stage  # noqa: E402
 from kelix.data.reader import load_split  # noqa: E402
 from kelix.tokenizer.model import KelixTokenizer  # noqa: E402
 

@@ -100,9 +100,10 @@ class Context:
 
     @cached_property
     def keys(self) -> dict[str, str]:
-        import kelix.stages as stages
+        from kelix.stages.catalogue import STAGES
+        from kelix.stages.keys import data_fingerprint, stage_keys
 
-        return stages.stage_keys(self.cfg, stages.data_fingerprint(self.data_dir), list(stages.STAGES))
+        return stage_keys(self.cfg, data_fingerprint(self.data_dir), list(STAGES))
 
     @cached_property
     def data_version(self) -> str:
@@ -113,13 +114,13 @@ class Context:
     def forced(self, name: str) -> bool:
         """Whether to rerun `name`: forced itself, or downstream of a forced stage (keys do not change when a
         stage is retrained under the same key, so its consumers would keep outputs built on the old one)."""
-        from kelix.stages import downstream
+        from kelix.stages.catalogue import downstream
 
         force = self.settings.force
         return name in force or "all" in force or any(name in downstream(f) for f in force)
 
     def lineage_tags(self) -> dict[str, str]:
-        from kelix.stages import data_fingerprint
+        from kelix.stages.keys import data_fingerprint
 
         return {"kelix.data_version": self.data_version, "kelix.data_fingerprint": data_fingerprint(self.data_dir),
                 "kelix.config_hash": config_hash(self.cfg), "kelix.preset": self.cfg.preset,
@@ -142,9 +143,9 @@ class Context:
 
 def section_stages(section: str) -> list[str]:
     """The catalogue's stages of one config section, in catalogue order."""
-    import kelix.stages as stages
+    from kelix.stages.catalogue import STAGES
 
-    return [name for name, stage in stages.STAGES.items() if stage.section == section]
+    return [name for name, stage in STAGES.items() if stage.section == section]
 
 
 def _prefect_tags() -> dict[str, str]:
@@ -177,7 +178,8 @@ def stage_task(name: str, ctx: Context, parent_run_id: str) -> dict[str, Any]:
     """Run one stage unless its outputs for this key exist; every attempt logs into the stage's MLflow run."""
     from kelix.config import config_hash as chash
     from kelix.rerun import up_to_date
-    from kelix.stages import config_view, get_stage
+    from kelix.stages.catalogue import get_stage
+    from kelix.stages.keys import config_view
     from kelix.tracking import TAG_ERROR, TAG_SKIPPED, TAG_SOURCE_RUN
 
     log = get_run_logger()

@@ -78,7 +78,7 @@ def _validation_key(ctx: Context) -> str:
     import dataclasses
 
     from kelix.config import config_hash
-    from kelix.stages import data_fingerprint
+    from kelix.stages.keys import data_fingerprint
 
     return config_hash({"data": data_fingerprint(ctx.data_dir), "rules": dataclasses.asdict(ctx.cfg.data)}, length=16)
 

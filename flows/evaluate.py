@@ -46,7 +46,7 @@ def _score_model(ctx: Context, model: str) -> dict[str, Any]:
     from kelix.registry.lineage import read_metrics
     from kelix.registry.resolve import resolve_version
     from kelix.registry.store import configure
-    from kelix.stages import data_fingerprint
+    from kelix.stages.keys import data_fingerprint
     from kelix.tracking import TAG_KEY, TAG_STAGE
 
     log = get_run_logger()

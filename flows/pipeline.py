@@ -25,7 +25,7 @@ from flows.promote import promote
 from flows.report import prefect_location, publish_stages, publish_summary, summary_text
 from flows.train import train_dit, train_llm, train_tokenizer
 from kelix.rerun import up_to_date
-from kelix.stages import STAGES
+from kelix.stages.catalogue import STAGES
 
 
 @flow(name="kelix-pipeline")

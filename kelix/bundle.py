@@ -30,7 +30,7 @@ from kelix.config import KelixConfig, config_from_dict, config_hash
 from kelix.files import file_sha256
 
 PARTS = ("tokenizer", "llm", "dit", "aedit")
-# The stage whose `model/` output becomes each part (kelix/stages.py; the eval stage's inputs).
+# The stage whose `model/` output becomes each part (kelix/stages/catalogue.py; the eval stage's inputs).
 PART_STAGES = {"tokenizer": "tokenizer-3", "llm": "llm-4", "dit": "dit-2", "aedit": "aedit"}
 PART_CLASSES = {
     "tokenizer": ("kelix.tokenizer.model", "KelixTokenizer"),
@@ -234,7 +234,7 @@ class KelixBundle:
     @classmethod
     def load(cls, root: str | Path, device: str | torch.device | None = None, verify: bool = True) -> "KelixBundle":
         """Check the folder (sizes, hashes, safetensors headers), then load every part onto `device`."""
-        from kelix.stages import resolve_device
+        from kelix.stages.run import resolve_device
         from kelix.text import TextTokenizer
 
         root = Path(root)

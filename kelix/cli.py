@@ -14,7 +14,7 @@ from kelix.env import apply_env_defaults
 COMMAND_MODULES = (
     "kelix.config_cli",
     "kelix.data.cli",
-    "kelix.stages",
+    "kelix.stages.cli",
     "kelix.eval.cli",
     "kelix.registry.cli",
     "kelix.use_cli",

@@ -151,7 +151,7 @@ def quantity_gb(text: str) -> float | None:
 
 def stage_gpus(cfg: KelixConfig, name: str) -> int:
     """GPUs one stage's Job asks for: its runtime resources (or the default), gpus x num_nodes."""
-    from kelix.stages import stage_resources
+    from kelix.stages.catalogue import stage_resources
 
     res = stage_resources(cfg, name)
     return max(1, res.gpus) * max(1, res.num_nodes)

@@ -25,7 +25,7 @@ class RuntimeConfig:
     # "none" | "ddp" | "fsdp": how the shared training loop shards under torchrun ("none" = ddp when
     # torchrun starts several processes). fsdp shards weights, gradients and optimiser state (kelix/train/loop.py).
     distributed: Literal["none", "ddp", "fsdp"] = "none"
-    # Deterministic torch kernels in every stage (kelix.stages.apply_determinism): a rerun of one config on one
+    # Deterministic torch kernels in every stage (kelix.stages.run.apply_determinism): a rerun of one config on one
     # machine, with the same thread count, trains the same weights. Off on small and paper, whose GPU stages keep
     # the faster kernels.
     deterministic: bool = True

@@ -101,7 +101,7 @@ def data_version(data_dir: str | Path) -> str:
     next `dvc commit`; recording that md5 would name data the run never read. The check compares the file count
     and total size data.dvc records (a stat walk, no hashing); a change that keeps both is not caught. A folder
     tracked through one above it is not checked: that record covers more than this folder."""
-    from kelix.stages import data_fingerprint
+    from kelix.stages.keys import data_fingerprint
 
     found = _dvc_out(data_dir)
     if found:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from kelix.config import PRESETS, ConfigError, config_from_dict, config_hash, load_config, preset_config
-from kelix.stages import STAGES, config_view, stage_keys
+from kelix.stages.catalogue import STAGES
+from kelix.stages.keys import config_view, stage_keys
 
 
 def test_presets_resolve_and_differ():
@@ -114,7 +115,7 @@ def test_stage_keys_follow_only_their_inputs():
 def test_a_device_torch_does_not_have_is_a_clear_error():
     import torch
 
-    from kelix.stages import resolve_device
+    from kelix.stages.run import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu") and resolve_device("auto").type in ("cpu", "cuda")
     with pytest.raises(ValueError, match="unknown device 'gpu': use auto, cpu, cuda or cuda:N"):

@@ -112,7 +112,7 @@ def base(tmp_path_factory):
     """Data and the single-process tokenizer stages and llm-1 that the tested stages read."""
     from kelix.config import load_config
     from kelix.data.shapes import generate_shapes
-    from kelix.stages import run_stage
+    from kelix.stages.run import run_stage
 
     root = tmp_path_factory.mktemp("dist")
     generate_shapes(root / "data", num_train=128, num_val=32, num_test=32, seed=0, image_size=64)

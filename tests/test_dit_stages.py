@@ -13,7 +13,7 @@ from PIL import Image
 
 from kelix.config import load_config
 from kelix.data.config import DataConfig
-from kelix.stages import StageContext
+from kelix.stages.catalogue import StageContext
 from kelix.train.metrics import MetricLogger
 
 FAST = ["dit.image_size=16", "dit.patch_size=2", "dit.num_layers=1", "dit.head_dim=16", "dit.cross_attention_dim=64",
@@ -114,8 +114,8 @@ def test_a_dit_stage_seeds_its_initial_weights_from_the_schedule_its_key_covers(
     """aedit's key leaves out dit.train1: its initial weights must not depend on train1's seed."""
     from types import SimpleNamespace
 
-    import kelix.stages as stages
     from kelix.dit.stages import _new_model
+    from kelix.stages.keys import stage_keys
 
     def init(*overrides):
         cfg = load_config("tiny", overrides=list(overrides))
@@ -123,7 +123,7 @@ def test_a_dit_stage_seeds_its_initial_weights_from_the_schedule_its_key_covers(
         return _new_model(ctx, 8, cfg.dit.train_ae).transformer.patch_embed.proj.weight
 
     def aedit_key(*overrides):
-        return stages.stage_keys(load_config("tiny", overrides=list(overrides)), "data", ["aedit"])["aedit"]
+        return stage_keys(load_config("tiny", overrides=list(overrides)), "data", ["aedit"])["aedit"]
 
     assert aedit_key("dit.train1.seed=7") == aedit_key()
     assert torch.equal(init("dit.train1.seed=7"), init())

@@ -162,7 +162,8 @@ def test_eval_stage_and_cli_with_untrained_models(shapes, tmp_path, tmp_path_fac
     from kelix.artifacts import SUCCESS, ArtifactStore
     from kelix.bundle import PART_STAGES, check_bundle
     from kelix.cli import main
-    from kelix.stages import data_fingerprint, run_stage, stage_keys
+    from kelix.stages.keys import data_fingerprint, stage_keys
+    from kelix.stages.run import run_stage
     from test_bundle_layout import tiny_bundle
 
     cfg = load_config("tiny", overrides=["eval.num_vqa=20", "eval.num_generation_prompts=3", "eval.num_reconstructions=2",

@@ -26,8 +26,8 @@ def prefect_api():
 def test_real_pipeline_trains_evaluates_registers_then_skips_everything(prefect_api, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    import kelix.stages as stages
     from flows.pipeline import kelix_pipeline
+    from kelix.stages.catalogue import STAGES
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "mlartifacts"))
@@ -36,7 +36,7 @@ def test_real_pipeline_trains_evaluates_registers_then_skips_everything(prefect_
                 artifacts=str(tmp_path / "artifacts"), retry_delay=0, progress=False)
 
     first = kelix_pipeline(**args)  # generates the dataset too: it does not exist yet
-    assert [r["name"] for r in first["stages"].values() if not r["skipped"]] == list(stages.STAGES)
+    assert [r["name"] for r in first["stages"].values() if not r["skipped"]] == list(STAGES)
     metrics = first["eval_metrics"]
     assert {"vqa_accuracy", "geneval_overall", "recon_detector_agreement"} <= set(metrics)
     release = first["release"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import kelix.stages as stages
+import kelix.stages.catalogue as stage_catalogue
 from kelix.config import ConfigError
 
 STATE: dict = {"calls": [], "fail": {}, "resumed": []}
@@ -62,8 +62,9 @@ def prefect_api():
 
 @pytest.fixture
 def catalogue(monkeypatch):
-    fake = {name: dataclasses.replace(stage, entry=f"{__name__}:fake_stage") for name, stage in stages.STAGES.items()}
-    monkeypatch.setattr(stages, "STAGES", fake)
+    fake = {name: dataclasses.replace(stage, entry=f"{__name__}:fake_stage")
+            for name, stage in stage_catalogue.STAGES.items()}
+    monkeypatch.setattr(stage_catalogue, "STAGES", fake)
     STATE.update(calls=[], fail={}, resumed=[])
     return fake
 
@@ -121,7 +122,7 @@ def test_pipeline_runs_everything_then_skips_then_reruns_only_downstream(prefect
 
     # 1. First run: every stage runs, in catalogue order; the model is registered, gated and promoted.
     first = _run(workspace)
-    assert STATE["calls"] == list(stages.STAGES)
+    assert STATE["calls"] == list(stage_catalogue.STAGES)
     assert all(not r["skipped"] for r in first["stages"].values())
     assert first["release"]["version"] == "1" and first["release"]["gate_passed"]
     assert first["release"]["aliases"]["champion"] == "1"
@@ -135,7 +136,7 @@ def test_pipeline_runs_everything_then_skips_then_reruns_only_downstream(prefect
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     stage_runs = {r.data.tags["kelix.stage"]: r for r in children if "kelix.stage" in r.data.tags}
-    assert set(stage_runs) == set(stages.STAGES)
+    assert set(stage_runs) == set(stage_catalogue.STAGES)
     llm2 = stage_runs["llm-2"]
     assert llm2.data.tags["kelix.stage_key"] == first["stages"]["llm-2"]["key"]
     assert llm2.data.tags["kelix.git_sha"] and llm2.data.tags["kelix.data_version"]
@@ -148,7 +149,7 @@ def test_pipeline_runs_everything_then_skips_then_reruns_only_downstream(prefect
     metrics_table = json.loads(_artifact("kelix-eval-metrics").data)
     assert {row["metric"] for row in metrics_table} == set(EVAL_METRICS)
     assert "grid.png" in _artifact("kelix-samples").data
-    assert len(json.loads(_artifact("kelix-stages").data)) == len(stages.STAGES)
+    assert len(json.loads(_artifact("kelix-stages").data)) == len(stage_catalogue.STAGES)
     assert "PASSED" in _artifact("kelix-data-validation").data
 
     # 2. Nothing changed: every stage is skipped, nothing new is registered, and it is quick.
@@ -208,7 +209,7 @@ def test_reproduce_reruns_a_registered_version_from_its_lineage(prefect_api, cat
     ok, rows = reproduce("kelix", version, artifacts=str(work / "artifacts"), work_dir=work, log=logs.append)
     assert ok, logs
     assert {r.name for r in rows} >= set(EVAL_METRICS) and all(r.ok for r in rows)
-    assert set(STATE["calls"]) == set(stages.ORDER)  # every stage ran again, into the new artifact store
+    assert set(STATE["calls"]) == set(stage_catalogue.ORDER)  # every stage ran again, into the new artifact store
     assert any("is the recorded version" in line for line in logs)
     report = json.loads((work / "reproduce.json").read_text())
     assert report["version"] == version and report["lineage"]["data_fingerprint"]
@@ -424,6 +425,6 @@ def test_forcing_a_stage_reruns_what_is_built_on_it(tmp_path):
     from flows.common import Context, RunSettings
 
     ctx = Context(RunSettings(force=["dit-1"], artifacts=str(tmp_path / "a"), data=str(tmp_path / "d")))
-    assert [n for n in stages.STAGES if ctx.forced(n)] == ["dit-1", "dit-2", "eval"]
+    assert [n for n in stage_catalogue.STAGES if ctx.forced(n)] == ["dit-1", "dit-2", "eval"]
     ctx = Context(RunSettings(force=["eval"], artifacts=str(tmp_path / "a"), data=str(tmp_path / "d")))
-    assert [n for n in stages.STAGES if ctx.forced(n)] == ["eval"]
+    assert [n for n in stage_catalogue.STAGES if ctx.forced(n)] == ["eval"]

@@ -132,7 +132,7 @@ def test_four_stages_end_to_end(tmp_path, tiny_dataset):
     from kelix.config import load_config
     from kelix.llm.inference import generate_codes
     from kelix.llm.model import KelixLLM
-    from kelix.stages import StageContext
+    from kelix.stages.catalogue import StageContext
     from kelix.text import TextTokenizer, dataset_texts, train_text_tokenizer
     from kelix.data.reader import iter_records
     from kelix.llm import stages

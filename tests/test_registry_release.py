@@ -352,7 +352,7 @@ def test_lineage_reads_dvc_md5_and_fingerprint(tmp_path, monkeypatch):
     import kelix.tracking as tracking
     from kelix.data.config import DataConfig
     from kelix.data.shapes import generate
-    from kelix.stages import data_fingerprint
+    from kelix.stages.keys import data_fingerprint
 
     data = generate(tmp_path / "data" / "shapes", DataConfig(num_train=2, num_val=1, num_test=1))
     (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef.dir\n  path: data/shapes\n")

@@ -13,7 +13,7 @@ import pytest
 from kelix.config import load_config
 from kelix.data.config import DataConfig
 from kelix.registry.reproduce import Recorded, ReproduceError, check_code, compare_metrics, prepare_data
-from kelix.stages import data_fingerprint
+from kelix.stages.keys import data_fingerprint
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",

@@ -22,7 +22,7 @@ from typing import Callable
 
 import pytest
 
-import kelix.stages as stages
+import kelix.stages.catalogue as catalogue
 from kelix.artifacts import ArtifactStore
 from kelix.config import load_config
 from kelix.runners import (ImagePullError, StageConfigError, StageDeadlineExceeded, StageFailed, StageOOMKilled,
@@ -30,6 +30,8 @@ from kelix.runners import (ImagePullError, StageConfigError, StageDeadlineExceed
 from kelix.runners.job_status import COMPLETION_INDEX
 from kelix.runners.kubernetes import KubernetesRunner, StageJobConflict, StageStartTimeout
 from kelix.runners.manifests import DATA_STAGE, LABEL_JOB, PARAMS_ENV
+from kelix.stages.keys import data_fingerprint, stage_keys
+from kelix.stages.run import run_stage
 
 BUCKET = "kelix-test"
 TOY: dict = {"crash": False}
@@ -154,8 +156,8 @@ def s3():
 
 @pytest.fixture
 def env(kube, s3, tmp_path, monkeypatch):
-    monkeypatch.setattr(stages, "STAGES", {n: dataclasses.replace(s, entry=f"{__name__}:toy_stage")
-                                           for n, s in stages.STAGES.items()})
+    monkeypatch.setattr(catalogue, "STAGES", {n: dataclasses.replace(s, entry=f"{__name__}:toy_stage")
+                                              for n, s in catalogue.STAGES.items()})
     monkeypatch.setenv("KELIX_CACHE", str(tmp_path / "shared-volume"))  # the orchestrator's and pods' mirror
     TOY["crash"] = False
     data = tmp_path / "data"
@@ -246,7 +248,7 @@ class Cluster:
         params.write_text(env[PARAMS_ENV])
         cfg = load_config(None, params)
         try:
-            return stages.run_stage(env["KELIX_STAGE"], cfg, data_dir, artifacts, progress=False).metrics
+            return run_stage(env["KELIX_STAGE"], cfg, data_dir, artifacts, progress=False).metrics
         except ConnectionError:
             return {}
 
@@ -466,8 +468,8 @@ def test_multi_node_stage_gets_an_indexed_job_and_a_rendezvous_service(env, runn
 def test_attaches_to_a_job_a_previous_orchestrator_left_running(env, runner_log):
     runner = _runner(env)
     store = ArtifactStore(env["artifacts"])
-    fingerprint = stages.data_fingerprint(env["data"])
-    key = stages.stage_keys(env["cfg"], fingerprint, ["tokenizer-1"])["tokenizer-1"]
+    fingerprint = data_fingerprint(env["data"])
+    key = stage_keys(env["cfg"], fingerprint, ["tokenizer-1"])["tokenizer-1"]
     store.publish(DATA_STAGE, fingerprint, env["data"])
     job = runner.manifests("tokenizer-1", env["cfg"], key, env["artifacts"], data_key=fingerprint)[0]
     env["cluster"].batch.create_namespaced_job(env["namespace"], job)
@@ -692,8 +694,8 @@ def _stage_objs(env, runner: KubernetesRunner, cfg=None) -> list[dict]:
     """The Job (and Service) `runner` would make for tokenizer-1 with env's data and artifact store."""
     cfg = cfg or env["cfg"]
     store = ArtifactStore(env["artifacts"])
-    fingerprint = stages.data_fingerprint(env["data"])
-    key = stages.stage_keys(cfg, fingerprint, ["tokenizer-1"])["tokenizer-1"]
+    fingerprint = data_fingerprint(env["data"])
+    key = stage_keys(cfg, fingerprint, ["tokenizer-1"])["tokenizer-1"]
     store.publish(DATA_STAGE, fingerprint, env["data"])
     return runner.manifests("tokenizer-1", cfg, key, env["artifacts"], data_key=fingerprint)
 

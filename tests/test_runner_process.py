@@ -2,7 +2,7 @@
 
 The child is this module run as `python -m tests.test_runner_process run NAME ...`: it swaps the catalogue's
 entries for `toy_stage` (the stage names, sections and inputs stay real, so keys match the parent's) and
-calls `kelix.stages.main` inside `kelix.tracking.stage_run_from_env()`, the way the stage entry point is
+calls `kelix.stages.cli.main` inside `kelix.tracking.stage_run_from_env()`, the way the stage entry point is
 meant to. KELIX_TOY_MODE picks how the toy stage behaves.
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ def test_a_stage_another_process_is_running_is_retried_later(setup):
     with EXIT_BUSY, and the flow retries it later (when the first has finished and this one skips)."""
     from kelix.artifacts import LOCK_FILE, ArtifactStore
     from kelix.files import exclusive_lock
-    from kelix.stages import data_fingerprint, stage_keys
+    from kelix.stages.keys import data_fingerprint, stage_keys
 
     key = stage_keys(setup["cfg"], data_fingerprint(setup["data"]), ["tokenizer-1"])["tokenizer-1"]
     with exclusive_lock(ArtifactStore(setup["artifacts"]).local_dir("tokenizer-1", key) / LOCK_FILE):
@@ -133,19 +133,20 @@ def test_a_silent_hang_is_stopped_at_the_timeout(setup):
 
 
 def test_missing_input_fails_before_starting_a_child(setup):
-    from kelix.stages import StageInputMissing
+    from kelix.stages.run import StageInputMissing
 
     with pytest.raises(StageInputMissing, match="tokenizer-1"):
         _runner("ok").run("tokenizer-2", setup["cfg"], setup["data"], setup["artifacts"])
 
 
 if __name__ == "__main__":
-    import kelix.stages as stages
+    import kelix.stages.catalogue as catalogue
+    from kelix.stages.cli import main
     from kelix.tracking import stage_run_from_env
 
-    stages.STAGES = {n: dataclasses.replace(s, entry=f"{MODULE}:toy_stage") for n, s in stages.STAGES.items()}
+    catalogue.STAGES = {n: dataclasses.replace(s, entry=f"{MODULE}:toy_stage") for n, s in catalogue.STAGES.items()}
     with stage_run_from_env():
-        code = stages.main(sys.argv[1:])
+        code = main(sys.argv[1:])
     sys.exit(code)
 
 

@@ -1,4 +1,4 @@
-"""`kelix.stages.run_stage` on a real training stage: skip when finished, start over when forced, and resume a
+"""`kelix.stages.run.run_stage` on a real training stage: skip when finished, start over when forced, and resume a
 forced try that crashed instead of starting it over again."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from kelix.artifacts import FAILED, ArtifactStore
 
 def test_forcing_a_finished_stage_trains_it_again_and_a_crashed_forced_try_resumes(tmp_path, tiny_dataset):
     from kelix.config import load_config
-    from kelix.stages import run_stage
+    from kelix.stages.run import run_stage
 
     cfg = load_config("tiny", overrides=[*SMALL, "tokenizer.train1.num_steps=4"])
     store = str(tmp_path / "store")
@@ -39,7 +39,7 @@ def test_runtime_deterministic_switches_torch_to_deterministic_kernels(monkeypat
     import torch
 
     from kelix.config import load_config
-    from kelix.stages import apply_determinism
+    from kelix.stages.run import apply_determinism
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
@@ -58,7 +58,8 @@ def test_a_stage_whose_input_was_rerun_starts_over_and_says_so(tmp_path, tiny_da
     """Forcing tokenizer-1 keeps its key; tokenizer-2, built on the earlier tokenizer-1, must not be skipped (or
     resumed from its last checkpoint) as if nothing had changed. Then it is current again."""
     from kelix.config import load_config
-    from kelix.stages import main, run_stage
+    from kelix.stages.cli import main
+    from kelix.stages.run import run_stage
 
     cfg = load_config("tiny", overrides=SMALL)
     store = str(tmp_path / "store")
@@ -89,7 +90,8 @@ def test_a_second_process_on_a_running_stage_is_refused_naming_the_first(tmp_pat
     from kelix.config import load_config
     from kelix.files import exclusive_lock
     from kelix.runners import is_transient
-    from kelix.stages import StageBusy, data_fingerprint, run_stage, stage_keys
+    from kelix.stages.keys import data_fingerprint, stage_keys
+    from kelix.stages.run import StageBusy, run_stage
 
     cfg = load_config("tiny", overrides=SMALL)
     store = ArtifactStore(tmp_path / "store")
@@ -109,7 +111,7 @@ def test_a_retry_of_a_forced_stage_keeps_what_the_forced_run_finished(tmp_path, 
 
     from kelix.config import load_config
     from kelix.rerun import force_args, up_to_date
-    from kelix.stages import run_stage
+    from kelix.stages.run import run_stage
 
     cfg = load_config("tiny", overrides=[*SMALL, "tokenizer.train1.num_steps=4"])
     store = str(tmp_path / "store")
@@ -128,7 +130,7 @@ def test_an_unfinished_try_whose_input_was_rerun_starts_over(tmp_path, tiny_data
     """tokenizer-2 crashed with checkpoints trained on the old tokenizer-1; tokenizer-1 is then forced. Resuming
     those checkpoints would finish a stage built on two different inputs and mark it current."""
     from kelix.config import load_config
-    from kelix.stages import run_stage
+    from kelix.stages.run import run_stage
 
     cfg = load_config("tiny", overrides=SMALL)
     store = ArtifactStore(tmp_path / "store")
@@ -147,7 +149,7 @@ def test_a_stage_refuses_an_input_that_is_itself_stale(tmp_path, tiny_dataset):
     import pytest
 
     from kelix.config import load_config
-    from kelix.stages import StageInputMissing, run_stage
+    from kelix.stages.run import StageInputMissing, run_stage
 
     cfg = load_config("tiny", overrides=SMALL)
     store = ArtifactStore(tmp_path / "store")
@@ -162,14 +164,14 @@ def test_a_stage_refuses_an_input_that_is_itself_stale(tmp_path, tiny_dataset):
 def test_a_volume_that_cannot_lock_runs_the_stage_unguarded_with_a_warning(tmp_path, tiny_dataset, monkeypatch, capsys):
     import errno
 
-    import kelix.stages
+    import kelix.stages.run
     from kelix.config import load_config
-    from kelix.stages import run_stage
+    from kelix.stages.run import run_stage
 
     def no_flock(path, timeout=0.0):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(kelix.stages, "exclusive_lock", no_flock)
+    monkeypatch.setattr(kelix.stages.run, "exclusive_lock", no_flock)
     cfg = load_config("tiny", overrides=SMALL)
     assert not run_stage("tokenizer-1", cfg, tiny_dataset, str(tmp_path / "store"), progress=False).skipped
     err = capsys.readouterr().err
@@ -184,13 +186,13 @@ def test_other_torchrun_ranks_follow_the_main_process_plan_without_reading_the_m
     marker itself."""
     import pytest
 
-    from kelix import stages
+    from kelix.stages import run as stage_run
     from kelix.config import load_config
     from kelix.train import distributed
 
     cfg = load_config("tiny", overrides=[*SMALL, "tokenizer.train1.num_steps=2"])
     store = str(tmp_path / "store")
-    done = stages.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
+    done = stage_run.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
     # This rank's own view: the stage crashed. The main process found it finished.
     ArtifactStore(store).mark("tokenizer-1", done.key, FAILED, error="killed")
     broadcast = []
@@ -201,30 +203,30 @@ def test_other_torchrun_ranks_follow_the_main_process_plan_without_reading_the_m
         raise AssertionError("a non-main rank read a marker")
 
     monkeypatch.setattr(ArtifactStore, "status", no_markers)
-    main_says = ("", stages._Plan(done=True), "")
-    result = stages.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
+    main_says = ("", stage_run._Plan(done=True), "")
+    result = stage_run.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
     assert result.skipped and result.metrics == done.metrics
     assert broadcast == [("", None, "")]  # it sent nothing of its own
 
     main_says = ("stage tokenizer-1 [k] is busy: pid 1 on host-a", None, "")
-    with pytest.raises(stages.StageBusy, match="pid 1 on host-a"):
-        stages.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
+    with pytest.raises(stage_run.StageBusy, match="pid 1 on host-a"):
+        stage_run.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
 
-    main_says = ("", stages._Plan(missing="stage tokenizer-2 needs tokenizer-1"), "")
-    with pytest.raises(stages.StageInputMissing, match="needs tokenizer-1"):
-        stages.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
+    main_says = ("", stage_run._Plan(missing="stage tokenizer-2 needs tokenizer-1"), "")
+    with pytest.raises(stage_run.StageInputMissing, match="needs tokenizer-1"):
+        stage_run.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
 
     # The main process failed while planning (an unreadable store): the others hear of it instead of waiting.
     main_says = ("", None, "OSError: [Errno 5] Input/output error")
     with pytest.raises(RuntimeError, match="main process could not plan the run .OSError: .Errno 5"):
-        stages.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
+        stage_run.run_stage("tokenizer-1", cfg, tiny_dataset, store, progress=False)
 
 
 def test_the_main_process_sends_its_planning_failure_to_the_other_ranks_then_raises_it(tmp_path, tiny_dataset,
                                                                                      monkeypatch):
     import pytest
 
-    from kelix import stages
+    from kelix.stages import run as stage_run
     from kelix.config import load_config
     from kelix.train import distributed
 
@@ -236,5 +238,5 @@ def test_the_main_process_sends_its_planning_failure_to_the_other_ranks_then_rai
 
     monkeypatch.setattr(ArtifactStore, "status", unreadable)
     with pytest.raises(OSError, match="Input/output error"):
-        stages.run_stage("tokenizer-1", load_config("tiny", overrides=SMALL), tiny_dataset, str(tmp_path), progress=False)
+        stage_run.run_stage("tokenizer-1", load_config("tiny", overrides=SMALL), tiny_dataset, str(tmp_path), progress=False)
     assert sent == [("", None, "OSError: [Errno 5] Input/output error")]

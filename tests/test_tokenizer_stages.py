@@ -11,7 +11,7 @@ from small_config import TOKENIZER, schedules
 
 from kelix.config import load_config
 from kelix.data.reader import load_split
-from kelix.stages import StageContext
+from kelix.stages.catalogue import StageContext
 from kelix.text import TextTokenizer, dataset_texts, train_text_tokenizer
 from kelix.tokenizer import stages as tok_stages
 from kelix.tokenizer.aux_decoder import AuxDecoder

@@ -1,7 +1,7 @@
 """Dataset versions with DVC: validate, commit the dataset folder to the DVC cache, push it to the remote.
 
 The version of a dataset is the md5 DVC records in its .dvc file (`data.dvc` for the default `data/shapes`);
-lineage tags record it (stage keys use `kelix.stages.data_fingerprint`, a content hash of the folder). DVC
+lineage tags record it (stage keys use `kelix.stages.keys.data_fingerprint`, a content hash of the folder). DVC
 runs as a subprocess of the `dvc` executable beside the running Python: its CLI is its stable interface, and a
 subprocess keeps DVC's global state out of training code.
 A new dataset gets a minimal .dvc file naming its path, then `dvc commit` fills in the hash; the same command

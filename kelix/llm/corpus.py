@@ -70,7 +70,7 @@ def encode_split(data_dir: Path, split: str, tokenizer, device: torch.device) ->
 def load_splits(data_dir: Path, tokenizer, tokenizer_dir: Path, out_dir: Path, device: torch.device,
                 splits: tuple[str, ...] = ("train", "val"), reuse_from: tuple[Path, ...] = ()) -> dict[str, Split]:
     """Records and codes of `splits`, encoding only when no cache (own or an input stage's) holds them."""
-    from kelix.stages import data_fingerprint
+    from kelix.stages.keys import data_fingerprint
 
     fingerprint = f"{tokenizer_fingerprint(tokenizer_dir)}-{data_fingerprint(data_dir)}"
     for folder in (out_dir, *reuse_from):

@@ -1,4 +1,4 @@
-"""The four LLM stages of the Kelix report (catalogue entries llm-1..4 in kelix/stages.py).
+"""The four LLM stages of the Kelix report (catalogue entries llm-1..4 in kelix/stages/catalogue.py).
 
   llm-1 align    cross-modal alignment: only the Block Decoder, the LM head and the visual embedding
                  projection (with the image position embedding) train; Qwen3 (layers, text embeddings) is frozen.

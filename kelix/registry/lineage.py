@@ -3,7 +3,7 @@
 Tags (all strings, so the registry UI and `kelix registry status` show them):
   lineage.git_sha          commit of the code that trained it (`+dirty` when the tree had changes)
   lineage.data_version     the md5 data.dvc records when DVC tracks the dataset, else `content:<fingerprint>`
-  lineage.data_fingerprint content hash of the dataset folder (kelix.stages.data_fingerprint; stage keys use it)
+  lineage.data_fingerprint content hash of the dataset folder (kelix.stages.keys.data_fingerprint; stage keys use it)
   lineage.config_hash      hash of the resolved config; lineage.preset its preset
   lineage.stage_keys       JSON {stage: key} of the stages that produced it
   lineage.pipeline_run_id  the pipeline's MLflow run
@@ -33,7 +33,7 @@ def data_path(cfg: KelixConfig, data_dir: str | Path | None = None) -> Path:
 
 def complete_lineage(cfg: KelixConfig, given: dict[str, str] | None = None, data_dir: str | Path | None = None) -> dict[str, str]:
     """The caller's lineage plus whatever of REQUIRED can be computed here ("unknown" for the rest)."""
-    from kelix.stages import data_fingerprint, stage_keys
+    from kelix.stages.keys import data_fingerprint, stage_keys
     from kelix.tracking import data_version, git_sha
 
     out = {k: str(v) for k, v in (given or {}).items()}

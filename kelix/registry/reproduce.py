@@ -107,7 +107,7 @@ def _dvc() -> str:
 
 
 def _fingerprint(path: Path) -> str | None:
-    from kelix.stages import data_fingerprint
+    from kelix.stages.keys import data_fingerprint
 
     try:
         return data_fingerprint(path)
@@ -183,7 +183,8 @@ def rerun_pipeline(cfg: KelixConfig, data_dir: Path, artifacts: str, work_dir: P
         summary = kelix_pipeline(params=str(params), data=str(data_dir), artifacts=artifacts, release=False,
                                  progress=False)
         return {k: float(v) for k, v in (summary.get("eval_metrics") or {}).items()}
-    from kelix.stages import ORDER, run_stage
+    from kelix.stages.catalogue import ORDER
+    from kelix.stages.run import run_stage
 
     metrics: dict[str, float] = {}
     for name in ORDER:

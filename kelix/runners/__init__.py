@@ -1,7 +1,7 @@
 """Where a stage runs: in this process, in a child process, or as a Kubernetes Job.
 
 All three take the same call, `runner.run(name, cfg, data_dir, artifacts, force=, tracking=)`, return a
-`kelix.stages.StageResult`, skip a stage whose outputs for its key exist, and raise `StageError`s that say
+`kelix.stages.run.StageResult`, skip a stage whose outputs for its key exist, and raise `StageError`s that say
 whether a retry can help (`is_transient`). The flows pick one per pipeline run (`--runner`).
 """
 from __future__ import annotations

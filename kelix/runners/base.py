@@ -16,7 +16,7 @@ from kelix.files import disk_full
 
 if TYPE_CHECKING:  # the runners import no heavy module at import time
     from kelix.config import KelixConfig
-    from kelix.stages import StageResult
+    from kelix.stages.run import StageResult
     from kelix.tracking import StageRun
 
 
@@ -68,7 +68,7 @@ def is_transient(exc: BaseException | None) -> bool:
     if isinstance(exc, StageError):
         return exc.retryable
     from kelix.config import ConfigError
-    from kelix.stages import StageInputMissing
+    from kelix.stages.run import StageInputMissing
 
     if isinstance(exc, (ConfigError, StageInputMissing)):
         return False
@@ -92,7 +92,7 @@ def is_transient(exc: BaseException | None) -> bool:
     except ImportError:  # pragma: no cover
         pass
     # botocore/aiobotocore connection errors do not derive from the builtins; match them by name. So is
-    # kelix.stages.StageBusy (another process runs the stage: a later try finds it finished), which the runners
+    # kelix.stages.run.StageBusy (another process runs the stage: a later try finds it finished), which the runners
     # must not import.
     names = {cls.__name__ for cls in type(exc).__mro__}
     return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
@@ -154,7 +154,8 @@ def params_yaml(cfg: "KelixConfig") -> str:
 
 
 def check_inputs(name: str, store, keys: dict[str, str]) -> None:
-    from kelix.stages import StageInputMissing, get_stage
+    from kelix.stages.catalogue import get_stage
+    from kelix.stages.run import StageInputMissing
 
     for dep in get_stage(name).inputs:
         if not store.is_done(dep, keys[dep]):
@@ -164,7 +165,7 @@ def check_inputs(name: str, store, keys: dict[str, str]) -> None:
 
 
 def skipped_result(store, name: str, key: str, seconds: float = 0.0) -> "StageResult":
-    from kelix.stages import StageResult
+    from kelix.stages.run import StageResult
 
     status = store.status(name, key) or {}
     return StageResult(name, key, store.local_dir(name, key), dict(status.get("metrics") or {}), True, seconds)
@@ -172,7 +173,7 @@ def skipped_result(store, name: str, key: str, seconds: float = 0.0) -> "StageRe
 
 def finished_result(store, name: str, key: str, seconds: float) -> "StageResult":
     """The result of a stage another process ran, read from its SUCCESS marker (outputs are not pulled)."""
-    from kelix.stages import StageResult
+    from kelix.stages.run import StageResult
 
     status = store.status(name, key) or {}
     if status.get("status") != "SUCCESS":

@@ -29,7 +29,7 @@ from kelix.runners.base import (ImagePullError, StageConfigError, StageDeadlineE
 
 if TYPE_CHECKING:
     from kelix.config import KelixConfig
-    from kelix.stages import StageResult
+    from kelix.stages.run import StageResult
     from kelix.tracking import StageRun
 
 
@@ -145,7 +145,7 @@ class KubernetesRunner:
     def manifests(self, name: str, cfg: "KelixConfig", key: str, artifacts: str, *, data_key: str | None,
                   force: bool | float = False, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """The objects this runner creates for a stage: the Job, and the rendezvous Service across nodes."""
-        from kelix.stages import stage_resources
+        from kelix.stages.catalogue import stage_resources
 
         resources = stage_resources(cfg, name)
         namespace = self.namespace or cfg.runtime.namespace
@@ -163,7 +163,7 @@ class KubernetesRunner:
     def run(self, name: str, cfg: "KelixConfig", data_dir: str | Path, artifacts: str, *, force: bool | float = False,
             tracking: "StageRun | None" = None) -> "StageResult":
         from kelix.artifacts import ArtifactStore
-        from kelix.stages import data_fingerprint, stage_keys
+        from kelix.stages.keys import data_fingerprint, stage_keys
 
         store = ArtifactStore(artifacts)
         if not store.remote:

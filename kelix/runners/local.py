@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from kelix.config import KelixConfig
-    from kelix.stages import StageResult
+    from kelix.stages.run import StageResult
     from kelix.tracking import StageRun
 
 
@@ -23,7 +23,7 @@ class LocalRunner:
 
     def run(self, name: str, cfg: "KelixConfig", data_dir: str | Path, artifacts: str, *, force: bool = False,
             tracking: "StageRun | None" = None) -> "StageResult":
-        from kelix.stages import run_stage
+        from kelix.stages.run import run_stage
 
         with tracking.active() if tracking is not None else nullcontext():
             return run_stage(name, cfg, data_dir, artifacts, force=force, progress=self.progress)

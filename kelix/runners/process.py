@@ -24,7 +24,7 @@ from kelix.runners.base import (StageConfigError, StageFailed, TransientStageErr
 
 if TYPE_CHECKING:
     from kelix.config import KelixConfig
-    from kelix.stages import StageResult
+    from kelix.stages.run import StageResult
     from kelix.tracking import StageRun
 
 
@@ -49,7 +49,7 @@ class SubprocessRunner:
     def run(self, name: str, cfg: "KelixConfig", data_dir: str | Path, artifacts: str, *, force: bool | float = False,
             tracking: "StageRun | None" = None) -> "StageResult":
         from kelix.artifacts import ArtifactStore
-        from kelix.stages import data_fingerprint, stage_keys
+        from kelix.stages.keys import data_fingerprint, stage_keys
 
         store = ArtifactStore(artifacts)
         keys = stage_keys(cfg, data_fingerprint(data_dir), [name])

@@ -1,4 +1,4 @@
-"""The three Kelix-Tok training stages (catalogue: tokenizer-1..3 in kelix/stages.py).
+"""The three Kelix-Tok training stages (catalogue: tokenizer-1..3 in kelix/stages/catalogue.py).
 
 Each stage loads the train split into memory once, builds or loads the tokenizer and aux decoder, trains with
 the shared loop (checkpoints in out_dir/checkpoints, so a crashed stage resumes), saves `model/`, `aux/` and
