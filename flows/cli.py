@@ -1,4 +1,4 @@
-"""`kelix pipeline ...`: run the end-to-end pipeline, create the work pools, inspect stage keys.
+"""`kelix pipeline ...`: run the end-to-end pipeline, create the work pools.
 
     kelix pipeline run [--preset tiny] [--params params.yaml] [--set k=v ...] [--runner local|subprocess|kubernetes]
                        [--data DIR] [--artifacts URI]
@@ -24,7 +24,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-release", action="store_true", help="stop after evaluation: no register, gate, promote")
     parser.add_argument("--retries", type=int, default=2, help="retries of a stage after a transient failure")
     parser.add_argument("--retry-delay", type=float, default=10.0, help="first retry delay (s), doubling")
-    parser.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    parser.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db)")
     parser.add_argument("--namespace", default=None, help="Kubernetes namespace (default: runtime.namespace)")
     parser.add_argument("--schedule-timeout", type=float, default=None, metavar="SECONDS",
                         help="kubernetes runner: fail a stage whose pods have not started after this long "

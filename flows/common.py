@@ -62,7 +62,7 @@ class RunSettings(BaseModel):
                                        "Unix time (fixed when the run starts, so a retry keeps a forced stage that finished)")
     retries: int = Field(2, ge=0, description="retries of a stage after a transient failure")
     retry_delay: float = Field(10.0, ge=0, description="first retry delay in seconds; doubles each retry")
-    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db)")
     parent_run_id: str | None = Field(None, description="MLflow run to nest stage runs under (set by the pipeline)")
     progress: bool = True
 

@@ -4,7 +4,7 @@ Every phase is a subflow (flows/data.py, train.py, evaluate.py, promote.py) and 
 MLflow run under the pipeline's run. Stages whose outputs exist for their key are skipped, so a rerun with
 nothing changed takes seconds, a changed DiT setting reruns only the DiT stages and what follows, and a
 stage killed mid-way resumes from its last checkpoint. With no services configured it runs on Prefect's
-ephemeral API, MLflow in ./mlflow.db and artifacts in ./artifacts.
+ephemeral API, MLflow in <repo>/mlflow.db and artifacts in ./artifacts.
 
     kelix pipeline run --preset tiny
     python -m flows.pipeline --preset tiny --set dit.train1.num_steps=50
