@@ -23,6 +23,7 @@ from kelix.eval.config import EvalConfig, eval_preset
 from kelix.llm.config import LLMConfig, llm_preset
 from kelix.runtime_config import RuntimeConfig, runtime_preset
 from kelix.tokenizer.config import TokenizerConfig, tokenizer_preset
+from kelix.train.config import TrainConfig
 
 PRESETS = ("tiny", "small", "paper")
 
@@ -103,7 +104,22 @@ def load_config(
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it to pass a "
                               "string") from exc
         set_value(cfg, key.strip(), value)
+    check_ranges(cfg)
     return cfg
+
+
+def check_ranges(cfg: KelixConfig) -> None:
+    """Refuse training schedules no run could use (a negative step count, a zero batch), naming every bad key at
+    once: types are checked as values are set, ranges here, after the preset, params file and overrides."""
+    found = []
+    for section in SECTIONS:
+        part = cfg.section(section)
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            if isinstance(value, TrainConfig):
+                found += value.problems(f"{section}.{f.name}")
+    if found:
+        raise ConfigError("; ".join(found))
 
 
 def set_value(cfg: Any, dotted: str, value: Any) -> None:
@@ -233,4 +249,5 @@ def config_from_dict(tree: dict[str, Any]) -> KelixConfig:
     tree = dict(tree)
     cfg = preset_config(tree.pop("preset", "tiny"))
     _apply_tree(cfg, tree, prefix="")
+    check_ranges(cfg)
     return cfg

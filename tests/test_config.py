@@ -122,3 +122,19 @@ def test_a_device_torch_does_not_have_is_a_clear_error():
         resolve_device("gpu")
     with pytest.raises(ValueError, match=r"device 'cuda:99' asked for, but torch sees \d+ CUDA device"):
         resolve_device("cuda:99")
+
+
+def test_schedules_no_run_could_use_are_refused_naming_every_bad_key(tmp_path):
+    """A negative step count trained nothing and still marked the stage finished; a zero batch failed deep inside
+    collate. Ranges are checked after the preset, the params file and the overrides, all bad keys at once."""
+    with pytest.raises(ConfigError, match=r"llm.train4.num_steps must be at least 0, got -5; "
+                                          r"llm.train4.batch_size must be at least 1, got 0"):
+        load_config("tiny", overrides=["llm.train4.num_steps=-5", "llm.train4.batch_size=0"])
+    params = tmp_path / "params.yaml"
+    params.write_text("dit:\n  train_ae:\n    min_lr_ratio: 1.5\n")
+    with pytest.raises(ConfigError, match=r"dit.train_ae.min_lr_ratio must be between 0 and 1, got 1.5"):
+        load_config(None, params)
+    with pytest.raises(ConfigError, match=r"tokenizer.vit_warmup.grad_accum_steps must be at least 1"):
+        config_from_dict({"preset": "tiny", "tokenizer": {"vit_warmup": {"grad_accum_steps": 0}}})
+    # Zero steps is a schedule: the tiny tokenizer's ViT warm-up is off that way.
+    assert load_config("tiny", overrides=["llm.train1.num_steps=0"]).llm.train1.num_steps == 0

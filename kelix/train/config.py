@@ -32,3 +32,20 @@ class TrainConfig:
     seed: int = 0
     # Stop early once this many seconds have passed (0 = no limit); the step reached is recorded.
     time_budget_s: float = 0.0
+
+    def problems(self, prefix: str) -> list[str]:
+        """What in this schedule no run could use, each naming its key (`prefix` is e.g. `llm.train2`): a
+        negative step count trains nothing and would still mark the stage finished."""
+        bounds = {
+            "num_steps": (0, None), "batch_size": (1, None), "lr": (0, None), "encoder_lr": (0, None),
+            "warmup_steps": (0, None), "min_lr_ratio": (0, 1), "weight_decay": (0, None), "beta1": (0, 1),
+            "beta2": (0, 1), "grad_accum_steps": (1, None), "grad_clip": (0, None), "checkpoint_every": (1, None),
+            "log_every": (1, None), "time_budget_s": (0, None),
+        }
+        found = []
+        for name, (low, high) in bounds.items():
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high):
+                want = f"at least {low}" if high is None else f"between {low} and {high}"
+                found.append(f"{prefix}.{name} must be {want}, got {value!r}")
+        return found
