@@ -238,3 +238,23 @@ def test_registry_lock_excludes_a_second_holder_in_the_same_process(tmp_path):
         with pytest.raises(RegistryError, match=r"is still held after [\d.]+ s by \{\"pid\""):
             with registry_lock(timeout=0.2, uri=uri):
                 pytest.fail("acquired a lock this thread already holds")
+
+
+def test_status_of_a_registry_that_cannot_be_read_is_an_error_not_an_empty_registry(registry, monkeypatch):
+    """A tracking server that is down answered `kelix registry status` with "not registered yet: run the
+    pipeline", after MLflow's retries: advice that would retrain a model that exists."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    import kelix.registry.release as release
+
+    class Down(MlflowClient):
+        def get_registered_model(self, name):
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/registered-models/get failed: "
+                                  "Max retries exceeded (Connection refused)")
+
+    assert status(cfg_for("m-never-registered"))["exists"] is False  # a readable registry without the model
+    monkeypatch.setattr(release, "configure", lambda: Down(tracking_uri=tracking_uri(), registry_uri=tracking_uri()))
+    with pytest.raises(RegistryError, match=r"could not read model 'm-down' from .*Connection refused.*check the "
+                                            r"tracking server and retry"):
+        status(cfg_for("m-down"))

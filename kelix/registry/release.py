@@ -372,7 +372,11 @@ def status(cfg: KelixConfig) -> dict:
                  "metric_tolerances": dict(cfg.eval.metric_tolerances)}
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        # Only "no such model" means not registered yet; a server that is down or failing must not read as that.
+        if exc.error_code not in NOT_FOUND_CODES:
+            raise RegistryError(f"could not read model {name!r} from {tracking_uri()} ({exc}): check the tracking "
+                                "server and retry") from exc
         return {**out, "exists": False, "aliases": {}, "versions": [], "history": []}
     versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda mv: int(mv.version), reverse=True)
     by_version = {str(mv.version): mv for mv in versions}
