@@ -137,21 +137,19 @@ def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     meta_path = path / "meta.json"
     if not meta_path.exists():
-        raise CheckpointError(f"checkpoint {path} is incomplete (no meta.json): it was not finished writing; delete it")
+        raise CheckpointError(f"checkpoint {path} is incomplete (no meta.json): it was not finished writing")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint {path} has an unreadable meta.json ({exc}); delete it") from exc
+        raise CheckpointError(f"checkpoint {path} has an unreadable meta.json ({exc})") from exc
     for name, expected in meta.get("files", {}).items():
         file = path / name
         if not file.exists():
-            raise CheckpointError(f"checkpoint {path} lacks {name}; delete the folder to resume from an earlier one")
+            raise CheckpointError(f"checkpoint {path} lacks {name}")
         actual = file_sha256(file)
         if actual != expected:
             raise CheckpointError(
-                f"checkpoint {path}: {name} is corrupt (sha256 {actual[:12]} != recorded {expected[:12]}); "
-                "delete the folder to resume from an earlier checkpoint"
-            )
+                f"checkpoint {path}: {name} is corrupt (sha256 {actual[:12]} != recorded {expected[:12]})")
     if meta.get("format") == "dcp":
         # Sharded (torchrun) checkpoint: verified here, loaded by kelix.train.distributed.load_dcp.
         return Checkpoint(path=path, step=int(meta["step"]), model_state={}, train_state={}, meta=meta)
@@ -169,5 +167,7 @@ def latest_checkpoint(ckpt_dir: Path, warn=print) -> Checkpoint | None:
         try:
             return load_checkpoint(path)
         except CheckpointError as exc:
-            warn(f"warning: skipping {exc}")
+            # Nothing to do by hand: the run resumes from an earlier checkpoint (or the start), and a later save at
+            # this step replaces the bad one.
+            warn(f"warning: skipping {exc}; resuming from the checkpoint before it")
     return None
