@@ -30,6 +30,14 @@ SUCCESS, FAILED, RUNNING = "SUCCESS", "FAILED", "RUNNING"
 ENV_ARTIFACTS = "KELIX_ARTIFACTS"
 
 
+def output_files(folder: Path) -> dict[str, int]:
+    """A finished stage's outputs, as `push` uploads them (no status marker, lock or checkpoints): relative path ->
+    size in bytes. The SUCCESS marker records them, so a file truncated or deleted later is caught (`damaged`)."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in BOOKKEEPING and "checkpoints" not in p.relative_to(folder).parts
+            and not is_temporary(p)}
+
+
 def store_uri(given: str | os.PathLike | None, configured: str) -> str:
     """The artifact store to use: the one given, else $KELIX_ARTIFACTS, else the config's runtime.artifacts."""
     return str(given or os.environ.get(ENV_ARTIFACTS) or configured)
@@ -61,6 +69,19 @@ class ArtifactStore:
             return json.loads(self.fs.cat_file(path))
         path = self.local_dir(stage, key) / STATUS_FILE
         return json.loads(path.read_text()) if path.exists() else None
+
+    def damaged(self, stage: str, key: str) -> list[str]:
+        """What of a finished stage's local outputs differs from the sizes its SUCCESS marker recorded (a file
+        truncated or deleted since it finished); empty when they match, or when the marker records none."""
+        recorded = (self.status(stage, key) or {}).get("files") or {}
+        local = self.local_dir(stage, key)
+        found = []
+        for rel, size in recorded.items():
+            path = local / rel
+            have = path.stat().st_size if path.is_file() else None
+            if have != size:
+                found.append(f"{rel} is missing" if have is None else f"{rel} has {have} bytes, {size} recorded")
+        return found
 
     def is_done(self, stage: str, key: str) -> bool:
         status = self.status(stage, key)
@@ -185,9 +206,8 @@ class ArtifactStore:
         if not self.remote:
             return
         local = self.local_dir(stage, key)
-        for path in sorted(local.rglob("*")):
-            if path.is_file() and path.name not in BOOKKEEPING and "checkpoints" not in path.relative_to(local).parts:
-                self.fs.put_file(str(path), f"{self._remote_path(stage, key)}/{path.relative_to(local).as_posix()}")
+        for rel in output_files(local):
+            self.fs.put_file(str(local / rel), f"{self._remote_path(stage, key)}/{rel}")
 
     # ---- additions for the orchestrator and the pods it starts (flows/, kelix/runners/) ----
 

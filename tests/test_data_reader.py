@@ -111,3 +111,24 @@ def test_transparent_pixels_read_as_white_as_at_import(tmp_path):
     _, images = load_images(ds, "val")
     assert images[0, :, 32, 32].tolist() == [255, 255, 255]  # transparent red: the white it is composited on
     assert images[0, :, 2, 2].tolist() == [0, 0, 255]
+
+
+def test_an_unreadable_or_missing_image_names_its_record_and_says_to_validate(tmp_path):
+    """A dataset that skipped validation reaches the readers with a cut-short PNG: the error names the record and
+    the next step, not PIL's bare 'image file is truncated'."""
+    import shutil
+
+    from kelix.data.reader import open_image
+
+    root = generate_shapes(tmp_path / "shapes", num_train=3, num_val=1, num_test=1)
+    recs = list(iter_records(root, "train"))
+    png = root / recs[1]["image"]
+    png.write_bytes(png.read_bytes()[:100])
+    with pytest.raises(DatasetError, match=rf"record 'train-000001': image .* cannot be read .*kelix data validate "
+                                           rf"{root}"):
+        open_image(root, recs[1])
+    with pytest.raises(DatasetError, match="record 'train-000001'"):
+        load_images(root, "train", cache_dir=tmp_path / "cache")
+    shutil.rmtree(root / "images")
+    with pytest.raises(DatasetError, match=r"record 'train-000000': image .* is missing"):
+        open_image(root, recs[0])

@@ -240,3 +240,37 @@ def test_the_main_process_sends_its_planning_failure_to_the_other_ranks_then_rai
     with pytest.raises(OSError, match="Input/output error"):
         stage_run.run_stage("tokenizer-1", load_config("tiny", overrides=SMALL), tiny_dataset, str(tmp_path), progress=False)
     assert sent == [("", None, "OSError: [Errno 5] Input/output error")]
+
+
+def test_a_finished_stage_whose_output_was_truncated_is_refused_as_input_and_runs_again(tmp_path, tiny_dataset,
+                                                                                       capsys):
+    """A model file cut short after its stage finished (a full disk, a copy killed half-way) must not reach the
+    next stage as a deserialising traceback: the marker records each output's size, the next stage names the
+    damaged file, and the damaged stage is no longer current, so running it again starts it over."""
+    import pytest
+
+    from kelix.config import load_config
+    from kelix.rerun import up_to_date
+    from kelix.stages.run import StageInputMissing, run_stage
+
+    cfg = load_config("tiny", overrides=[*SMALL, "tokenizer.train1.num_steps=2"])
+    store = ArtifactStore(tmp_path / "store")
+    first = run_stage("tokenizer-1", cfg, tiny_dataset, str(store.local_root), progress=False)
+    weights = first.out_dir / "model" / "model.safetensors"
+    size = weights.stat().st_size
+    assert store.status("tokenizer-1", first.key)["files"]["model/model.safetensors"] == size
+    assert "checkpoints/" not in " ".join(store.status("tokenizer-1", first.key)["files"])
+    assert store.damaged("tokenizer-1", first.key) == [] and up_to_date(store, "tokenizer-1", first.key)
+
+    with open(weights, "r+b") as fh:
+        fh.truncate(1000)
+    assert store.damaged("tokenizer-1", first.key) == [f"model/model.safetensors has 1000 bytes, {size} recorded"]
+    assert not up_to_date(store, "tokenizer-1", first.key)
+    with pytest.raises(StageInputMissing, match=r"needs tokenizer-1 .*damaged after it finished "
+                                                r"\(model/model.safetensors has 1000 bytes.*kelix stage run tokenizer-1"):
+        run_stage("tokenizer-2", cfg, tiny_dataset, str(store.local_root), progress=False)
+
+    again = run_stage("tokenizer-1", cfg, tiny_dataset, str(store.local_root), progress=False)
+    assert not again.skipped and again.metrics["resumed_from_step"] == 0
+    assert "starting over, its outputs were damaged after it finished" in capsys.readouterr().err
+    assert weights.stat().st_size == size and store.damaged("tokenizer-1", first.key) == []

@@ -37,9 +37,16 @@ def iter_records(root: str | Path, split: str | None = None) -> Iterator[dict]:
 
 
 def open_image(root: str | Path, rec: dict, image_size: int | None = None) -> Image.Image:
-    """The record's image as RGB, resized to image_size x image_size when given."""
-    with Image.open(resolve_inside(root, rec["image"], "image path")) as im:
-        im = to_rgb(im)  # as the importer does: a transparent palette image's hidden colours stay hidden
+    """The record's image as RGB, resized to image_size x image_size when given. A missing or undecodable file is
+    a DatasetError naming the record: validation quarantines such records, so the fix is to run it."""
+    path = resolve_inside(root, rec["image"], "image path")
+    try:
+        with Image.open(path) as im:
+            im = to_rgb(im)  # as the importer does: a transparent palette image's hidden colours stay hidden
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL raises SyntaxError for some bad headers
+        problem = "is missing" if isinstance(exc, FileNotFoundError) else f"cannot be read ({exc})"
+        raise DatasetError(f"record {rec.get('key')!r}: image {path} {problem}; run `kelix data validate {root}` to "
+                           "quarantine bad records, then rerun") from exc
     if image_size and im.size != (image_size, image_size):
         im = im.resize((image_size, image_size), Image.BICUBIC)
     return im

@@ -7,6 +7,7 @@ import sys
 
 from kelix.artifacts import SUCCESS, ArtifactStore, store_uri
 from kelix.config import KelixConfig
+from kelix.data.format import DatasetError
 from kelix.rerun import EXIT_BUSY
 from kelix.stages.catalogue import ORDER, STAGES
 from kelix.stages.keys import data_fingerprint, stage_keys
@@ -37,7 +38,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except StageBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BUSY
-    except (KeyError, StageInputMissing, FileNotFoundError) as exc:
+    except (KeyError, StageInputMissing, FileNotFoundError, DatasetError) as exc:
         raise UserError(str(exc).strip('"')) from exc
     state = "skipped (already done)" if result.skipped else f"done in {result.seconds:.1f}s"
     print(f"{result.name} [{result.key}] {state} -> {result.out_dir}")
@@ -71,7 +72,9 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     for name, key in keys.items():
         status = (store.status(name, key) or {}).get("status", "-")
         stale = store.stale_inputs(name, key) if status == SUCCESS else []
-        print(f"{name:12s} {key}  {status}" + (f" (stale: {', '.join(stale)} rerun since)" if stale else ""))
+        damaged = store.damaged(name, key) if status == SUCCESS and not store.remote else []
+        print(f"{name:12s} {key}  {status}" + (f" (stale: {', '.join(stale)} rerun since)" if stale else "")
+              + (f" (damaged: {'; '.join(damaged[:2])})" if damaged else ""))
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kelix.artifacts import FAILED, LOCK_FILE, RUNNING, SUCCESS, ArtifactStore, store_uri
+from kelix.artifacts import FAILED, LOCK_FILE, RUNNING, SUCCESS, ArtifactStore, output_files, store_uri
 from kelix.config import KelixConfig
 from kelix.files import LockHeld, exclusive_lock
 from kelix.rerun import BUSY_PHRASE, Force, force_cutoff, up_to_date
@@ -162,8 +162,10 @@ def _plan(stage: Stage, store: ArtifactStore, keys: dict[str, str], cutoff: floa
     # An unfinished try (crashed or killed) resumes from its checkpoints only if they were trained on the same
     # runs of its inputs; its RUNNING/FAILED marker says which.
     moved = not done and status.get("input_runs") not in (None, input_runs)
+    damaged = store.damaged(name, key) if done and not store.remote else []
     note = (f"{name}: starting over, its inputs {', '.join(stale)} were rerun after it finished" if stale else
-            f"{name}: starting over, its inputs were rerun since its unfinished try" if moved else "")
+            f"{name}: starting over, its outputs were damaged after it finished ({'; '.join(damaged[:3])})"
+            if damaged else f"{name}: starting over, its inputs were rerun since its unfinished try" if moved else "")
     # Forcing a finished stage, or one whose inputs were rerun, starts it over: its checkpoints would otherwise
     # resume it at its last step and redo nothing (keys hash config and data, not code, so a force usually
     # follows a code change). A forced try that crashed is not finished, so the next one resumes it instead of
@@ -184,6 +186,13 @@ def _run_stage(stage: Stage, cfg: KelixConfig, data_dir: Path, store: ArtifactSt
         out_dir = store.pull(name, key)
         return StageResult(name, key, out_dir, _read_metrics(out_dir), True, time.perf_counter() - t0)
     inputs = {dep: store.pull(dep, keys[dep]) for dep in stage.inputs}
+    for dep in stage.inputs:
+        damaged = store.damaged(dep, keys[dep])
+        if damaged:
+            fix = (f"delete {inputs[dep]} (a local copy of {store.uri}) so the next run downloads it again"
+                   if store.remote else f"rerun it: `kelix stage run {dep}`, or `kelix pipeline run`")
+            raise StageInputMissing(f"stage {name} needs {dep} (key {keys[dep]}), whose outputs in {inputs[dep]} "
+                                    f"were damaged after it finished ({'; '.join(damaged[:3])}): {fix}")
     input_runs = plan.input_runs
     if main and plan.note:
         print(plan.note, file=sys.stderr)
@@ -213,7 +222,7 @@ def _run_stage(stage: Stage, cfg: KelixConfig, data_dir: Path, store: ArtifactSt
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
         store.push(name, key)
         store.mark(name, key, SUCCESS, inputs={d: keys[d] for d in stage.inputs}, input_runs=input_runs,
-                   metrics=metrics)
+                   metrics=metrics, files=output_files(out_dir))
     return StageResult(name, key, out_dir, metrics, False, time.perf_counter() - t0)
 
 
