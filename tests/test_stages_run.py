@@ -274,3 +274,10 @@ def test_a_finished_stage_whose_output_was_truncated_is_refused_as_input_and_run
     assert not again.skipped and again.metrics["resumed_from_step"] == 0
     assert "starting over, its outputs were damaged after it finished" in capsys.readouterr().err
     assert weights.stat().st_size == size and store.damaged("tokenizer-1", first.key) == []
+
+
+def test_an_unknown_stage_name_is_a_one_line_error(capsys):
+    from kelix.stages.cli import main
+
+    assert main(["run", "llm-5"]) == 2
+    assert "error: unknown stage 'llm-5'; stages are tokenizer-1, " in capsys.readouterr().err

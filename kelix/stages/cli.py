@@ -9,7 +9,7 @@ from kelix.artifacts import SUCCESS, ArtifactStore, store_uri
 from kelix.config import KelixConfig
 from kelix.data.format import DatasetError
 from kelix.rerun import EXIT_BUSY
-from kelix.stages.catalogue import ORDER, STAGES
+from kelix.stages.catalogue import ORDER, STAGES, get_stage
 from kelix.stages.keys import data_fingerprint, stage_keys
 from kelix.stages.run import StageBusy, StageInputMissing, run_stage
 
@@ -25,6 +25,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from kelix.cli import UserError
     from kelix.config_cli import config_from_args
 
+    try:
+        get_stage(args.name)
+    except KeyError as exc:  # only the name: a KeyError from inside a stage is a bug, and keeps its traceback
+        raise UserError(str(exc).strip('"')) from exc
     cfg = config_from_args(args)
     data_dir = args.data or cfg.data.root
     _join_torchrun(cfg)
@@ -38,7 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except StageBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BUSY
-    except (KeyError, StageInputMissing, FileNotFoundError, DatasetError) as exc:
+    except (StageInputMissing, FileNotFoundError, DatasetError) as exc:
         raise UserError(str(exc).strip('"')) from exc
     state = "skipped (already done)" if result.skipped else f"done in {result.seconds:.1f}s"
     print(f"{result.name} [{result.key}] {state} -> {result.out_dir}")
