@@ -148,6 +148,8 @@ def test_cli_validate_exit_codes_and_reports(ds, tmp_path, capsys):
     assert main(["data", "validate", str(ds), *args]) == 1
     out = capsys.readouterr().out
     assert "FAILED" in out and "quarantine.jsonl" in out
+    # The bad records themselves, not only their count: each with its manifest line and reason.
+    assert f"bad {recs[0]['key']} (manifest line 1): " in out and out.count("\n  bad ") == 5
     assert (ds.with_name(ds.name + "-validation.json")).exists()
     assert main(["data", "validate", str(tmp_path / "nothing")]) == 2
 

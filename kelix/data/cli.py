@@ -69,6 +69,12 @@ def _validate(args: argparse.Namespace) -> int:
           + (f" (moved to {root / 'quarantine.jsonl'})" if report.quarantined_now else ""))
     for reason in report.failures:
         print(f"  - {reason}")
+    # The first bad records here, so a typical problem is visible without opening the report.
+    shown = 5
+    for rec in report.bad[:shown]:
+        print(f"  bad {rec['key'] or '(no key)'} (manifest line {rec['line']}): {'; '.join(rec['reasons'])}")
+    if len(report.bad) > shown:
+        print(f"  ... and {len(report.bad) - shown} more in the report")
     print(f"report: {md} and {js}")
     return 0 if report.passed else 1
 
