@@ -249,5 +249,4 @@ def config_from_dict(tree: dict[str, Any]) -> KelixConfig:
     tree = dict(tree)
     cfg = preset_config(tree.pop("preset", "tiny"))
     _apply_tree(cfg, tree, prefix="")
-    check_ranges(cfg)
     return cfg

@@ -134,7 +134,10 @@ def test_schedules_no_run_could_use_are_refused_naming_every_bad_key(tmp_path):
     params.write_text("dit:\n  train_ae:\n    min_lr_ratio: 1.5\n")
     with pytest.raises(ConfigError, match=r"dit.train_ae.min_lr_ratio must be between 0 and 1, got 1.5"):
         load_config(None, params)
-    with pytest.raises(ConfigError, match=r"tokenizer.vit_warmup.grad_accum_steps must be at least 1"):
-        config_from_dict({"preset": "tiny", "tokenizer": {"vit_warmup": {"grad_accum_steps": 0}}})
+    with pytest.raises(ConfigError, match=r"tokenizer.vit_warmup.grad_accum_steps must be at least 1.*"
+                                          r"llm.train1.lr must be at least 0, got nan"):
+        load_config("tiny", overrides=["tokenizer.vit_warmup.grad_accum_steps=0", "llm.train1.lr=.nan"])
+    # A recorded config (a registered model's) still loads: ranges are the user's input, checked where it is given.
+    assert config_from_dict({"preset": "tiny", "llm": {"train4": {"num_steps": -1}}}).llm.train4.num_steps == -1
     # Zero steps is a schedule: the tiny tokenizer's ViT warm-up is off that way.
     assert load_config("tiny", overrides=["llm.train1.num_steps=0"]).llm.train1.num_steps == 0

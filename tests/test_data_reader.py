@@ -132,3 +132,21 @@ def test_an_unreadable_or_missing_image_names_its_record_and_says_to_validate(tm
     shutil.rmtree(root / "images")
     with pytest.raises(DatasetError, match=r"record 'train-000000': image .* is missing"):
         open_image(root, recs[0])
+
+
+def test_a_storage_error_reading_an_image_stays_an_oserror(tmp_path, monkeypatch):
+    """EIO from a network volume is not the record's fault: it must stay retryable (the runners retry OSError) and
+    must not come with advice to quarantine a good record."""
+    import errno
+
+    import kelix.data.reader as reader
+
+    root = generate_shapes(tmp_path / "shapes", num_train=1, num_val=1, num_test=1)
+
+    def flaky(path, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(reader.Image, "open", flaky)
+    with pytest.raises(OSError, match="Input/output error") as caught:
+        reader.open_image(root, next(iter_records(root, "train")))
+    assert not isinstance(caught.value, DatasetError)

@@ -155,7 +155,7 @@ def test_markdown_marks_failed_thresholds():
 
 
 def test_eval_stage_and_cli_with_untrained_models(shapes, tmp_path, tmp_path_factory, capsys):
-    """The catalogue's `eval` stage on upstream outputs (untrained parts) run through kelix.stages.run_stage,
+    """The catalogue's `eval` stage on upstream outputs (untrained parts) run through kelix.stages.run.run_stage,
     then `kelix eval` on the bundle it assembled."""
     import shutil
 

@@ -44,6 +44,10 @@ def open_image(root: str | Path, rec: dict, image_size: int | None = None) -> Im
         with Image.open(path) as im:
             im = to_rgb(im)  # as the importer does: a transparent palette image's hidden colours stay hidden
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL raises SyntaxError for some bad headers
+        # An OSError with an errno (EIO, ESTALE, EACCES on a network volume) is the storage's, not the record's: it
+        # stays an OSError, which the runners retry, instead of advice that would quarantine a good record.
+        if isinstance(exc, OSError) and exc.errno is not None and not isinstance(exc, FileNotFoundError):
+            raise
         problem = "is missing" if isinstance(exc, FileNotFoundError) else f"cannot be read ({exc})"
         raise DatasetError(f"record {rec.get('key')!r}: image {path} {problem}; run `kelix data validate {root}` to "
                            "quarantine bad records, then rerun") from exc

@@ -1,4 +1,4 @@
-"""The in-process runner: `kelix.stages.run_stage` in this process, with the stage's MLflow run active.
+"""The in-process runner: `kelix.stages.run.run_stage` in this process, with the stage's MLflow run active.
 
 The cheapest way to run a stage (no interpreter start, no config round trip) and the default of the
 embedded pipeline. The stage's MetricLogger sees the active MLflow run and logs every step into it.

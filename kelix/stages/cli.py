@@ -9,13 +9,14 @@ from kelix.artifacts import SUCCESS, ArtifactStore, store_uri
 from kelix.config import KelixConfig
 from kelix.data.format import DatasetError
 from kelix.rerun import EXIT_BUSY
-from kelix.stages.catalogue import ORDER, STAGES, get_stage
+from kelix.stages import catalogue
+from kelix.stages.catalogue import ORDER, get_stage
 from kelix.stages.keys import data_fingerprint, stage_keys
 from kelix.stages.run import StageBusy, StageInputMissing, run_stage
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    for stage in STAGES.values():
+    for stage in catalogue.STAGES.values():  # read at call time: tests swap the catalogue
         deps = ", ".join(stage.inputs) or "data"
         print(f"{stage.name:12s} <- {deps:32s} {stage.description}")
     return 0

@@ -153,6 +153,13 @@ def _plan(stage: Stage, store: ArtifactStore, keys: dict[str, str], cutoff: floa
         if not store.is_done(dep, keys[dep]):
             return _Plan(missing=f"stage {name} needs {dep} (key {keys[dep]}) which has not finished in {store.uri}: "
                                  f"run `kelix stage run {dep}` first, or `kelix pipeline run`")
+        # A local store's files are checked against the sizes their marker recorded; a remote store's arrive
+        # whole (pull renames each file into place) and are not re-read here.
+        damaged = [] if store.remote else store.damaged(dep, keys[dep])
+        if damaged:
+            return _Plan(missing=f"stage {name} needs {dep} (key {keys[dep]}), whose outputs in "
+                                 f"{store.local_dir(dep, keys[dep])} were damaged after it finished "
+                                 f"({'; '.join(damaged[:3])}): rerun it: `kelix stage run {dep}`, or `kelix pipeline run`")
         upstream = store.stale_inputs(dep, keys[dep])
         if upstream:
             return _Plan(missing=f"stage {name} needs {dep} (key {keys[dep]}), whose inputs {', '.join(upstream)} "
@@ -186,13 +193,6 @@ def _run_stage(stage: Stage, cfg: KelixConfig, data_dir: Path, store: ArtifactSt
         out_dir = store.pull(name, key)
         return StageResult(name, key, out_dir, _read_metrics(out_dir), True, time.perf_counter() - t0)
     inputs = {dep: store.pull(dep, keys[dep]) for dep in stage.inputs}
-    for dep in stage.inputs:
-        damaged = store.damaged(dep, keys[dep])
-        if damaged:
-            fix = (f"delete {inputs[dep]} (a local copy of {store.uri}) so the next run downloads it again"
-                   if store.remote else f"rerun it: `kelix stage run {dep}`, or `kelix pipeline run`")
-            raise StageInputMissing(f"stage {name} needs {dep} (key {keys[dep]}), whose outputs in {inputs[dep]} "
-                                    f"were damaged after it finished ({'; '.join(damaged[:3])}): {fix}")
     input_runs = plan.input_runs
     if main and plan.note:
         print(plan.note, file=sys.stderr)

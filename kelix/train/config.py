@@ -45,7 +45,7 @@ class TrainConfig:
         found = []
         for name, (low, high) in bounds.items():
             value = getattr(self, name)
-            if value < low or (high is not None and value > high):
+            if not low <= value or (high is not None and not value <= high):  # a NaN fails both
                 want = f"at least {low}" if high is None else f"between {low} and {high}"
                 found.append(f"{prefix}.{name} must be {want}, got {value!r}")
         return found
