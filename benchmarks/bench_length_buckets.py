@@ -1,7 +1,8 @@
 """Stage-2 LLM step time with the batch run as length buckets (`llm.length_buckets`) against one padded piece,
 with the extra questions of `llm.extra_spatial_questions` / `extra_attribute_questions` (`--extra-questions`)
-and `llm.extra_position_questions` (`--position-questions`), and with the answer prior of `llm.answer_prior`
-trained beside the LLM (`--answer-prior`).
+and `llm.extra_position_questions` (`--position-questions`), with the answer prior of `llm.answer_prior`
+trained beside the LLM (`--answer-prior`), and with CPU number formats (`--precision`: `fp32`, `bf16` = bf16
+autocast as on a GPU, `flush` = fp32 with denormals flushed to zero).
 
 One tiny LLM (the preset's shapes, random init) trains on stage 2's mixture of the dataset's records with random
 codes (sequence lengths, which are what padding costs, do not depend on the code values). The settings run
@@ -12,6 +13,8 @@ step time over its rounds and the loss of the first step (the same batch, so the
     .venv/bin/python benchmarks/bench_length_buckets.py --data data/shapes --buckets 4 --extra-questions 0,5
     .venv/bin/python benchmarks/bench_length_buckets.py --data data/shapes --buckets 4 --answer-prior 0,1 \
         --position-questions 0,3
+    .venv/bin/python benchmarks/bench_length_buckets.py --data data/shapes --buckets 4 --answer-prior 1 \
+        --position-questions 6 --precision fp32,bf16,flush --steps 10 --rounds 4
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated counts of extra spatial and of extra attribute questions to compare")
     parser.add_argument("--position-questions", default="0", help="comma-separated counts to compare")
     parser.add_argument("--answer-prior", default="0", help="comma-separated 0 (off) / 1 (on) to compare")
+    parser.add_argument("--precision", default="fp32", help="comma-separated fp32 / bf16 / flush to compare")
     parser.add_argument("--records", type=int, default=2000, help="training records to draw batches from")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -73,19 +77,21 @@ def main(argv: list[str] | None = None) -> int:
                 for k in (int(x) for x in args.extra_questions.split(","))
                 for w in (int(x) for x in args.position_questions.split(","))}
     prior = llm.answer_prior
-    settings = [(b, k, a) for a in (int(x) for x in args.answer_prior.split(",")) for k in mixtures
-                for b in (int(x) for x in args.buckets.split(","))]
+    settings = [(b, k, a, p) for p in args.precision.split(",") for a in (int(x) for x in args.answer_prior.split(","))
+                for k in mixtures for b in (int(x) for x in args.buckets.split(","))]
 
-    def loss_of(b: int, k: tuple[int, int], a: int, step: int) -> torch.Tensor:
+    def loss_of(b: int, k: tuple[int, int], a: int, p: str, step: int) -> torch.Tensor:
         llm.answer_prior = prior if a else None
-        return bucketed_nbp_loss(llm, mixtures[k](step), b)[0]
+        torch.set_flush_denormal(p == "flush")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p == "bf16"):
+            return bucketed_nbp_loss(llm, mixtures[k](step), b)[0]
 
-    times: dict[tuple[int, tuple[int, int], int], list[float]] = {x: [] for x in settings}
+    times: dict[tuple[int, tuple[int, int], int, str], list[float]] = {x: [] for x in settings}
     with torch.no_grad():
         first_loss = {x: float(loss_of(*x, 0)) for x in settings}
     real = {k: sum(int(m(i).attention_mask.sum()) for i in range(args.steps)) for k, m in mixtures.items()}
     padded = {(b, k): sum(sum(x.attention_mask.numel() for x in mixtures[k](i).buckets(b)) for i in range(args.steps))
-              for b, k, _ in settings}
+              for b, k, _, _ in settings}
     for _ in range(args.rounds):
         for x in settings:
             t0 = time.perf_counter()
@@ -95,15 +101,16 @@ def main(argv: list[str] | None = None) -> int:
                 loss.backward()
                 opt.step()
             times[x].append((time.perf_counter() - t0) / args.steps)
+    torch.set_flush_denormal(False)
     base = statistics.median(times[settings[0]])
-    print(f"| length_buckets | extra questions | position questions | answer prior | s / step (median of "
-          f"{args.rounds} rounds of {args.steps}) | vs the first | real blocks / step | padded / real blocks | "
+    print(f"| length_buckets | extra questions | position questions | answer prior | precision | s / step (median "
+          f"of {args.rounds} rounds of {args.steps}) | vs the first | real blocks / step | padded / real blocks | "
           "first-step loss |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for b, k, a in settings:
-        t = statistics.median(times[(b, k, a)])
-        print(f"| {b} | {k[0]} | {k[1]} | {'on' if a else 'off'} | {t:.3f} | {base / t:.2f}x | "
-              f"{real[k] / args.steps:.0f} | {padded[(b, k)] / real[k]:.2f} | {first_loss[(b, k, a)]:.5f} |")
+    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    for b, k, a, p in settings:
+        t = statistics.median(times[(b, k, a, p)])
+        print(f"| {b} | {k[0]} | {k[1]} | {'on' if a else 'off'} | {p} | {t:.3f} | {base / t:.2f}x | "
+              f"{real[k] / args.steps:.0f} | {padded[(b, k)] / real[k]:.2f} | {first_loss[(b, k, a, p)]:.5f} |")
     return 0
 
 
