@@ -40,7 +40,7 @@ def up_to_date(store: ArtifactStore, name: str, key: str, force: Force | None = 
     """Finished, from the runs of its inputs in the store now, intact, and not forced (finished before the cutoff).
 
     Intact: a local store's files still have the sizes the marker recorded; a damaged stage runs again. A remote
-    store's outputs are checked by whoever pulls them (kelix.stages.run)."""
+    store's are not re-read here (`pull` renames each downloaded file into place whole)."""
     status = store.status(name, key) or {}
     if status.get("status") != SUCCESS or store.stale_inputs(name, key):
         return False
