@@ -72,7 +72,10 @@ class ArtifactStore:
 
     def damaged(self, stage: str, key: str) -> list[str]:
         """What of a finished stage's local outputs differs from the sizes its SUCCESS marker recorded (a file
-        truncated or deleted since it finished); empty when they match, or when the marker records none."""
+        truncated or deleted since it finished); empty when they match, or when the marker records none. A remote
+        store's outputs are not re-read: `pull` renames each downloaded file into place whole."""
+        if self.remote:
+            return []
         recorded = (self.status(stage, key) or {}).get("files") or {}
         local = self.local_dir(stage, key)
         found = []

@@ -39,12 +39,12 @@ def force_args(force: Force | None) -> list[str]:
 def up_to_date(store: ArtifactStore, name: str, key: str, force: Force | None = None) -> bool:
     """Finished, from the runs of its inputs in the store now, intact, and not forced (finished before the cutoff).
 
-    Intact: a local store's files still have the sizes the marker recorded; a damaged stage runs again. A remote
-    store's are not re-read here (`pull` renames each downloaded file into place whole)."""
+    Intact: its files still have the sizes the marker recorded (`ArtifactStore.damaged`); a damaged stage runs
+    again."""
     status = store.status(name, key) or {}
     if status.get("status") != SUCCESS or store.stale_inputs(name, key):
         return False
-    if not store.remote and store.damaged(name, key):
+    if store.damaged(name, key):
         return False
     cutoff = force_cutoff(force)
     return cutoff is None or float(status.get("time") or 0) >= cutoff

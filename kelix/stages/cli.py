@@ -77,7 +77,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     for name, key in keys.items():
         status = (store.status(name, key) or {}).get("status", "-")
         stale = store.stale_inputs(name, key) if status == SUCCESS else []
-        damaged = store.damaged(name, key) if status == SUCCESS and not store.remote else []
+        damaged = store.damaged(name, key) if status == SUCCESS else []
         print(f"{name:12s} {key}  {status}" + (f" (stale: {', '.join(stale)} rerun since)" if stale else "")
               + (f" (damaged: {'; '.join(damaged[:2])})" if damaged else ""))
     return 0

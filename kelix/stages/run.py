@@ -153,9 +153,7 @@ def _plan(stage: Stage, store: ArtifactStore, keys: dict[str, str], cutoff: floa
         if not store.is_done(dep, keys[dep]):
             return _Plan(missing=f"stage {name} needs {dep} (key {keys[dep]}) which has not finished in {store.uri}: "
                                  f"run `kelix stage run {dep}` first, or `kelix pipeline run`")
-        # A local store's files are checked against the sizes their marker recorded; a remote store's arrive
-        # whole (pull renames each file into place) and are not re-read here.
-        damaged = [] if store.remote else store.damaged(dep, keys[dep])
+        damaged = store.damaged(dep, keys[dep])
         if damaged:
             return _Plan(missing=f"stage {name} needs {dep} (key {keys[dep]}), whose outputs in "
                                  f"{store.local_dir(dep, keys[dep])} were damaged after it finished "
@@ -169,7 +167,7 @@ def _plan(stage: Stage, store: ArtifactStore, keys: dict[str, str], cutoff: floa
     # An unfinished try (crashed or killed) resumes from its checkpoints only if they were trained on the same
     # runs of its inputs; its RUNNING/FAILED marker says which.
     moved = not done and status.get("input_runs") not in (None, input_runs)
-    damaged = store.damaged(name, key) if done and not store.remote else []
+    damaged = store.damaged(name, key) if done else []
     note = (f"{name}: starting over, its inputs {', '.join(stale)} were rerun after it finished" if stale else
             f"{name}: starting over, its outputs were damaged after it finished ({'; '.join(damaged[:3])})"
             if damaged else f"{name}: starting over, its inputs were rerun since its unfinished try" if moved else "")
